@@ -1,0 +1,34 @@
+"""Shared fixtures: the test assets (../shared/assets or $LIGHTCLUSTER_ASSETS)."""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def assets_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("LIGHTCLUSTER_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets() -> pathlib.Path:
+  path = assets_dir()
+  if not (path / "voc2012").is_dir():
+    pytest.skip(f"test assets not found at {path} (set LIGHTCLUSTER_ASSETS)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def dinov2_s14_npz(assets) -> pathlib.Path:
+  path = assets / "dinov2" / "dinov2_vits14_imgfocus_backbone.npz"
+  if not path.is_file():
+    pytest.skip(f"real DINOv2-S/14 weights not found at {path}")
+  return path
+
+
+@pytest.fixture(scope="session")
+def voc_ids(assets) -> list[str]:
+  lst = assets / "voc2012" / "ImageSets" / "Segmentation" / "val_with_images.txt"
+  return lst.read_text().split()
