@@ -1,0 +1,153 @@
+"""Experiment configuration: the defaults, loading config files, command-line overrides.
+
+A config file is a Python file with `get_config(arg=None) -> ConfigDict` (big_vision style:
+one file = one experiment, its docstring gives the command and the expected result); it
+usually starts from `default_config()` and overrides what differs. `FILE.py:ARG` passes ARG
+(e.g. `smoke`). Overrides `a.b=value` are parsed with the type of the existing field; an
+unknown field is an error that names it and lists the fields that do exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """METHOD.md "Our pipeline and defaults"; every field documented inline."""
+  c = ml_collections.ConfigDict()
+  c.arch = "dino_vits8"          # ViT variant (lightcluster_jax.vit.ARCHS)
+  c.seed = 0                     # one seed drives every k-means (folded per image / stage)
+
+  c.features = ml_collections.ConfigDict()
+  c.features.image_size = 448    # short side in pixels; 0 = native size
+  c.features.batch_size = 4      # images per ViT call
+  c.features.bucket_multiple = 4  # padded grid sides are multiples of this many patches
+  c.features.dtype = "float32"   # "bfloat16" on accelerators
+
+  c.clustering = ml_collections.ConfigDict()
+  c.clustering.k_image = 2
+  c.clustering.k_category = 2
+  c.clustering.k_dataset = 2
+  c.clustering.num_categories = 5          # CLS-token superclasses (VOC 5, COCO 12)
+  c.clustering.rule = "dc_and_i"           # dc_and_i | all | majority | image_only
+  c.clustering.dilate = 1                  # image-level mask dilation (patches) in dc_and_i
+  c.clustering.min_region_patches = 2      # smaller components are removed
+  c.clustering.dataset_fit_patches = 200_000  # dataset-level centroids fitted on a sample
+  c.clustering.n_init = 3                  # k-means restarts per problem
+
+  c.upsample = ml_collections.ConfigDict()
+  c.upsample.temperature = 0.1   # softmax temperature of the fg/bg centroid distances
+
+  c.crf = ml_collections.ConfigDict()
+  c.crf.enabled = True
+  c.crf.preset = "maskcontrast"  # maskcontrast | krahenbuhl
+  c.crf.backend = "default"      # see lightcluster_jax.crf; "default" = the measured best
+  c.crf.bucket_pixels = 64       # padded image sides are multiples of this many pixels
+
+  c.assign = ml_collections.ConfigDict()
+  c.assign.num_classes = 20          # VOC 20, COCO 80
+  c.assign.min_region_pixels = 900   # ~ 30x30 px
+  c.assign.max_regions = 8           # per image, largest first
+  c.assign.whole_foreground = False  # True: one region = the whole foreground
+  c.assign.box_margin = 0.1          # box grown by this fraction of its size per side
+  c.assign.crop_size = 224
+  c.assign.n_init = 10
+
+  c.output = ml_collections.ConfigDict()
+  c.output.overlays = True
+  return c
+
+
+class ConfigError(ValueError):
+  """A bad config file, field or value."""
+
+
+def load_config(spec: str | None) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]`; None gives `default_config()`."""
+  if spec is None:
+    return default_config()
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"lightcluster_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a syntax error etc. in the user's file
+    raise ConfigError(f"could not load config file {path}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config(arg=None)")
+  config = module.get_config(arg or None)
+  check_fields(config)
+  return config
+
+
+def _all_fields(config, prefix=""):
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _all_fields(value, name + ".")
+    else:
+      yield name
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming any field that the defaults do not have (typos)."""
+  known = set(_all_fields(default_config()))
+  for name in _all_fields(config):
+    if name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown config field {name!r}{hint}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Applies `a.b=value` strings; values parsed as Python literals, typed by the field."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  known = sorted(_all_fields(config))
+  for item in overrides:
+    name, sep, raw = item.partition("=")
+    name = name.strip().removeprefix("config.")
+    if not sep:
+      raise ConfigError(f"override {item!r} is not of the form field=value")
+    if name not in known:
+      close = difflib.get_close_matches(name, known, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown config field {name!r}{hint}")
+    *parents, leaf = name.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    if isinstance(old, bool):
+      if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+      if not isinstance(value, bool):
+        raise ConfigError(f"config field {name!r} expects true/false, got {raw!r}")
+    elif isinstance(old, (int, float)) and not isinstance(old, bool):
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config field {name!r} expects a number, got {raw!r}")
+      value = type(old)(value) if isinstance(old, float) or float(value).is_integer() else value
+    elif isinstance(old, str) and not isinstance(value, str):
+      value = raw
+    node[leaf] = value
+  return config
+
+
+def config_hash(*parts) -> str:
+  """Short stable hash of JSON-able parts (config sections, weight hashes, id lists)."""
+  blob = json.dumps([p.to_dict() if isinstance(p, ml_collections.ConfigDict) else p
+                     for p in parts], sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
