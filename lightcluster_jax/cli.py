@@ -1,9 +1,22 @@
-"""The `lightcluster` console script: one subcommand per job."""
+"""The `lightcluster` console script: one subcommand per job.
+
+  lightcluster convert   checkpoint -> Flax .npz (+ parity check against a PyTorch reference)
+  lightcluster segment   a folder of images -> label PNGs, overlays, summary.json (resumable)
+  lightcluster evaluate  predicted PNGs vs ground truth -> Hungarian mIoU (JSON)
+  lightcluster demo      the whole pipeline on the sample images shipped in the package
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
+import warnings
+
+
+class CLIError(Exception):
+  """A user error: printed as one line, exit status 2."""
 
 
 def _convert(argv):
@@ -11,10 +24,139 @@ def _convert(argv):
   return convert.main(argv)
 
 
+def _split_overrides(argv):
+  """Separates `--config.a.b=v` / `--set a.b=v` overrides from the other arguments."""
+  rest, overrides = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config.") and "=" in arg:
+      overrides.append(arg[len("--config."):])
+    elif arg == "--set":
+      overrides.append(next(it, ""))
+    elif arg.startswith("--set="):
+      overrides.append(arg[len("--set="):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _load_weights(path, arch_hint=None):
+  from lightcluster_jax import pipeline, weights
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CLIError(f"weights file not found: {path}")
+  try:
+    arch, params = weights.load_any(path, arch=arch_hint)
+  except Exception as e:
+    raise CLIError(f"could not load weights {path}: {e}") from e
+  return arch, params, pipeline._sha256_file(path)
+
+
+def _list_inputs(images: pathlib.Path, split: str | None):
+  from lightcluster_jax.data import images as images_lib
+  if not images.exists():
+    raise CLIError(f"--images path not found: {images}")
+  if (images / "JPEGImages").is_dir():  # a VOCdevkit-style root
+    if split:
+      lst = images / "ImageSets" / "Segmentation" / f"{split}.txt"
+      if not lst.is_file():
+        raise CLIError(f"image-set list not found: {lst}")
+      wanted = set(lst.read_text().split())
+      paths = [p for p in images_lib.list_images(images / "JPEGImages") if p.stem in wanted]
+    else:
+      paths = images_lib.list_images(images / "JPEGImages")
+  elif images.is_dir():
+    paths = images_lib.list_images(images)
+  else:
+    paths = [images]
+  if not paths:
+    raise CLIError(f"no images found under {images}")
+  return paths
+
+
+def _segment(argv) -> int:
+  from lightcluster_jax import config as config_lib
+  from lightcluster_jax import pipeline
+  argv, overrides = _split_overrides(argv)
+  p = argparse.ArgumentParser(prog="lightcluster segment",
+                              description="Segment a folder of images (resumable).",
+                              epilog="Override any config field with --config.a.b=VALUE.")
+  p.add_argument("--config", help="experiment file, e.g. configs/voc12_dino_vits8.py[:smoke]")
+  p.add_argument("--images", required=True, type=pathlib.Path,
+                 help="folder of images, a single image, or a VOCdevkit root (JPEGImages/)")
+  p.add_argument("--split", help="with a VOCdevkit root: ImageSets/Segmentation/<split>.txt")
+  p.add_argument("--weights", required=True, type=pathlib.Path, help="converted .npz or checkpoint")
+  p.add_argument("--out", required=True, type=pathlib.Path)
+  p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+  p.add_argument("--no-overlays", action="store_true")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  try:
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+  except config_lib.ConfigError as e:
+    raise CLIError(str(e)) from e
+  paths = _list_inputs(args.images, args.split)[:args.limit]
+  arch, params, sha = _load_weights(args.weights, config.arch)
+  if arch != config.arch:
+    warnings.warn(f"weights are {arch}; config.arch={config.arch} is overridden by them")
+    config.arch = arch
+  items = pipeline.items_from_paths(paths)
+  result = pipeline.segment(config, items, params=params, arch=arch, out_dir=args.out,
+                            weights_id=sha, progress=not args.no_progress)
+  summary = pipeline.write_outputs(result, items, args.out, config=config, weights_id=sha,
+                                   overlays=config.output.overlays and not args.no_overlays,
+                                   progress=not args.no_progress)
+  print(json.dumps({k: summary[k] for k in ("num_images", "num_regions", "seconds_per_image")}
+                   | {"skipped": sorted(summary["skipped"]), "out": str(args.out)}))
+  return 0
+
+
+def _evaluate(argv) -> int:
+  from lightcluster_jax import evaluation
+  p = argparse.ArgumentParser(prog="lightcluster evaluate",
+                              description="Hungarian-matched mIoU of predicted label PNGs.")
+  p.add_argument("--pred", required=True, type=pathlib.Path, help="folder of <id>.png predictions")
+  p.add_argument("--gt", required=True, type=pathlib.Path, help="folder of <id>.png ground truth")
+  p.add_argument("--num-classes", type=int, default=21, help="GT classes incl. background")
+  p.add_argument("--classes", choices=("all", "present"), default="all",
+                 help="average IoU over all classes or only those present in the GT")
+  p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+  args = p.parse_args(argv)
+  try:
+    scores = evaluation.evaluate_folders(args.pred, args.gt, num_classes=args.num_classes,
+                                         classes=args.classes)
+  except FileNotFoundError as e:
+    raise CLIError(str(e)) from e
+  if args.json:
+    print(json.dumps(scores))
+  else:
+    print(evaluation.format_scores(scores))
+  return 0
+
+
+def _demo(argv) -> int:
+  from lightcluster_jax import demo
+  p = argparse.ArgumentParser(prog="lightcluster demo",
+                              description="Run the whole pipeline on the shipped sample images.")
+  p.add_argument("--weights", type=pathlib.Path,
+                 help="local checkpoint (.npz/.pth/.safetensors); default: fetch DINO ViT-S/8")
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lightcluster_demo"))
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  paths = demo.run(weights=args.weights, out=args.out, image_size=args.image_size,
+                   progress=not args.no_progress)
+  print(json.dumps({"out": str(args.out), "pictures": [str(x) for x in paths]}))
+  return 0
+
+
 # name -> (help, function taking the remaining argv and returning an exit status)
 SUBCOMMANDS = {
     "convert": ("convert a DINO / DINOv2 checkpoint to a Flax .npz (optionally verify parity)",
                 _convert),
+    "segment": ("segment a folder of images; resumable, cached per stage", _segment),
+    "evaluate": ("Hungarian-matched mIoU / pixel accuracy / fg IoU of predicted masks", _evaluate),
+    "demo": ("the whole pipeline on the shipped sample images, pictures out", _demo),
 }
 
 
@@ -29,7 +171,15 @@ def main(argv=None) -> int:
     parser.print_help()
     return 0 if argv else 2
   args = parser.parse_args(argv[:1])
-  return int(SUBCOMMANDS[args.command][1](argv[1:]) or 0)
+  try:
+    return int(SUBCOMMANDS[args.command][1](argv[1:]) or 0)
+  except CLIError as e:
+    print(f"lightcluster {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"lightcluster {args.command}: interrupted; finished work is cached, run the same "
+          "command again to resume", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

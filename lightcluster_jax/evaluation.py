@@ -1,0 +1,83 @@
+"""Scoring a folder of predicted label PNGs against ground truth (`lightcluster evaluate`).
+
+Predictions are unsupervised cluster ids (0 = background, 1.. = class clusters); they are
+matched to GT classes by the Hungarian algorithm on the split's confusion matrix
+(`metrics.segmentation_scores`), so the ids need not be in any particular order.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from lightcluster_jax import metrics
+from lightcluster_jax.data import voc
+
+
+def class_names(num_classes: int) -> list[str]:
+  if num_classes == len(metrics.VOC_CLASSES):
+    return list(metrics.VOC_CLASSES)
+  if num_classes == len(metrics.COCO81_CLASSES):
+    return list(metrics.COCO81_CLASSES)
+  return [str(i) for i in range(num_classes)]
+
+
+def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 21, classes: str = "all",
+                     ignore_index: int = 255) -> dict:
+  """Scores every `<id>.png` in `pred_dir` against `gt_dir/<id>.png`.
+
+  Returns:
+    dict: miou, pixel_acc, fg_iou (pooled: total intersection / total union), fg_iou_mean
+    (per-image mean), per_class {name: IoU}, mapping {pred id: GT class}, num_images,
+    num_classes_scored.
+
+  Raises:
+    FileNotFoundError: naming the missing folder or the missing GT file.
+    ValueError: naming an image whose prediction and GT sizes differ.
+  """
+  pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
+  for d, what in ((pred_dir, "--pred"), (gt_dir, "--gt")):
+    if not d.is_dir():
+      raise FileNotFoundError(f"{what} folder not found: {d}")
+  preds = sorted(pred_dir.glob("*.png"))
+  if not preds:
+    raise FileNotFoundError(f"no .png predictions in {pred_dir}")
+  acc = np.zeros((num_classes, 256), np.int64)
+  inters, unions = [], []
+  for p in preds:
+    g = gt_dir / p.name
+    if not g.is_file():
+      raise FileNotFoundError(f"ground truth for {p.stem!r} not found: {g}")
+    pred = voc.read_label_png(p)
+    gt = voc.read_label_png(g)
+    if pred.shape != gt.shape:
+      raise ValueError(f"{p.stem}: prediction {pred.shape} and ground truth {gt.shape} differ "
+                       "in size")
+    acc += np.asarray(metrics.confusion_matrix(pred, gt, num_pred=256, num_gt=num_classes,
+                                               ignore_index=ignore_index))
+    i, u = metrics.foreground_iou(pred > 0, gt, ignore_index=ignore_index)
+    inters.append(int(i))
+    unions.append(int(u))
+  used = int(np.max(np.nonzero(acc.sum(0))[0], initial=0)) + 1
+  names = class_names(num_classes)
+  scores = metrics.segmentation_scores(acc[:, :used], class_names=names, classes=classes)
+  fg = metrics.foreground_iou_scores(np.array(inters), np.array(unions))
+  return {
+      "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+      "fg_iou": fg["pooled"], "fg_iou_mean": fg["mean"],
+      "per_class": {k: (None if np.isnan(v) else v) for k, v in scores["per_class_iou"].items()},
+      "mapping": {int(k): int(v) for k, v in enumerate(scores["mapping"]) if v >= 0},
+      "num_images": len(preds), "num_classes_scored": scores["num_classes"],
+  }
+
+
+def format_scores(scores: dict) -> str:
+  """A human-readable table of `evaluate_folders` output."""
+  lines = [f"images: {scores['num_images']}   mIoU: {100 * scores['miou']:.1f}   "
+           f"pixel acc: {100 * scores['pixel_acc']:.1f}   fg IoU: {100 * scores['fg_iou']:.1f} "
+           f"(per-image mean {100 * scores['fg_iou_mean']:.1f})"]
+  for name, v in scores["per_class"].items():
+    if v is not None:
+      lines.append(f"  {name:>14s}  {100 * v:5.1f}")
+  return "\n".join(lines)
