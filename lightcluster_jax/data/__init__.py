@@ -1,0 +1,28 @@
+"""Data: image folders, VOC2012 / COCO-81 readers, TFDS builders, demo sample images.
+
+`lightcluster_jax.data.tfds_builders` (TFDS builders `voc2012_segmentation`,
+`coco81_semantic`) is imported only on demand, so tensorflow-datasets stays optional.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import pathlib
+
+from lightcluster_jax.data.coco import COCO_CATEGORY_IDS, COCOSemantic, render_semantic_label
+from lightcluster_jax.data.images import (IMAGE_EXTENSIONS, ImageError, check_min_size,
+                                          image_ids, iter_images, list_images, load_image)
+from lightcluster_jax.data.voc import VOCSegmentation, read_label_png, write_label_png
+
+
+def sample_images() -> list[pathlib.Path]:
+  """Paths of the small public-domain / CC0 demo photos shipped in `data/samples/`.
+
+  Four photos (astronaut, cat, coffee cup, rocket; short side 300-448 px, 260 KB in all);
+  their sources and licences are in `data/samples/PROVENANCE.txt`.
+
+  Returns:
+    sorted list of `pathlib.Path` (the package must be installed as files, not zipped).
+  """
+  folder = pathlib.Path(str(importlib.resources.files("lightcluster_jax.data") / "samples"))
+  return list_images(folder)
