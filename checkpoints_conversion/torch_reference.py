@@ -1,0 +1,209 @@
+"""A PyTorch reference DINO / DINOv2 ViT, written from the official model definitions.
+
+Follows facebookresearch/dino `vision_transformer.py` (PatchEmbed conv, fused `attn.qkv`
+reshaped (B, N, 3, heads, dh), softmax(q k^T * dh^-0.5) v, exact GELU, LayerNorm eps 1e-6, CLS
+concatenated before the position embedding is added) and facebookresearch/dinov2
+`dinov2/models/vision_transformer.py` (LayerScale `ls1`/`ls2` gamma, register tokens inserted
+after CLS after the position embedding, `mask_token` kept only so official state dicts load
+strictly). Its state-dict keys are the official ones, so `load_state_dict(strict=True)`
+accepts the released `.pth` files.
+
+Used as the oracle of `lightcluster convert --verify`, of the parity tests and of the
+benchmark. Needs torch (the `[convert]` extra), never timm / torchvision.
+
+Position-embedding interpolation: `interpolation="size"` (default) passes the explicit target
+grid, as the Flax model does; `interpolation="official"` reproduces DINO v1's
+`scale_factor=(h + 0.1) / g0` call (and DINOv2's `interpolate_offset=0.1`), to measure how much
+that quirk moves the features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+  def __init__(self, patch_size: int, embed_dim: int):
+    super().__init__()
+    self.patch_size = patch_size
+    self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+
+
+class Attention(nn.Module):
+  def __init__(self, dim: int, num_heads: int, impl: str = "official"):
+    super().__init__()
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.qkv = nn.Linear(dim, dim * 3, bias=True)
+    self.proj = nn.Linear(dim, dim)
+    self.impl = impl
+    self.record = False
+    self.recorded = {}
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, dh]
+    if self.impl == "sdpa" and not self.record:
+      x = F.scaled_dot_product_attention(q, k, v)
+    else:
+      attn = (q @ k.transpose(-2, -1)) * self.scale
+      attn = attn.softmax(dim=-1)
+      x = attn @ v
+      if self.record:
+        self.recorded = {
+            "q": q.transpose(1, 2).reshape(b, n, c), "k": k.transpose(1, 2).reshape(b, n, c),
+            "v": v.transpose(1, 2).reshape(b, n, c), "attn": attn}
+    x = x.transpose(1, 2).reshape(b, n, c)
+    return self.proj(x)
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim: int, hidden: int):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.act = nn.GELU()  # exact (erf) GELU, as the official models
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+  def __init__(self, dim: int, init_values: float = 1.0):
+    super().__init__()
+    self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+  def forward(self, x):
+    return x * self.gamma
+
+
+class Block(nn.Module):
+  def __init__(self, dim, num_heads, mlp_ratio=4.0, layerscale=False, eps=1e-6,
+               attn_impl="official"):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=eps)
+    self.attn = Attention(dim, num_heads, impl=attn_impl)
+    self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
+    self.norm2 = nn.LayerNorm(dim, eps=eps)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio))
+    self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
+
+  def forward(self, x):
+    x = x + self.ls1(self.attn(self.norm1(x)))
+    return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+  """The official DINO / DINOv2 ViT backbone (no classification head)."""
+
+  def __init__(self, *, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+               layerscale=False, num_register_tokens=0, pos_grid=14, eps=1e-6,
+               mask_token=False, antialias=False, interpolation="size", attn_impl="official"):
+    super().__init__()
+    self.patch_size = patch_size
+    self.num_register_tokens = num_register_tokens
+    self.pos_grid = pos_grid
+    self.antialias = antialias
+    self.interpolation = interpolation
+    self.family = "dinov2" if layerscale else "dino"
+    self.patch_embed = PatchEmbed(patch_size, embed_dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
+    if num_register_tokens:
+      self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+    if mask_token:
+      self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+    self.blocks = nn.ModuleList([
+        Block(embed_dim, num_heads, mlp_ratio, layerscale, eps, attn_impl) for _ in range(depth)])
+    self.norm = nn.LayerNorm(embed_dim, eps=eps)
+    for m in self.modules():
+      if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    nn.init.trunc_normal_(self.pos_embed, std=0.02)
+    nn.init.normal_(self.cls_token, std=1e-6)
+
+  @classmethod
+  def from_config(cls, config, **kwargs):
+    """Builds the reference for a `lightcluster_jax.vit.ViTConfig`."""
+    return cls(patch_size=config.patch_size, embed_dim=config.width, depth=config.depth,
+               num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+               layerscale=config.layerscale, num_register_tokens=config.num_registers,
+               pos_grid=config.pos_grid, eps=config.ln_eps,
+               antialias=config.pos_antialias, **kwargs)
+
+  def interpolate_pos_encoding(self, h0: int, w0: int):
+    n0 = self.pos_grid
+    if (h0, w0) == (n0, n0):
+      return self.pos_embed
+    pos = self.pos_embed.float()
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    dim = pos.shape[-1]
+    grid = patch_pos.reshape(1, n0, n0, dim).permute(0, 3, 1, 2)
+    if self.interpolation == "official":
+      # DINO v1 / DINOv2-without-registers: size through a scale factor with a +0.1 offset.
+      kwargs = {"scale_factor": ((h0 + 0.1) / n0, (w0 + 0.1) / n0)}
+    else:
+      kwargs = {"size": (h0, w0)}
+    grid = F.interpolate(grid, mode="bicubic", antialias=self.antialias, align_corners=False,
+                         **kwargs)
+    assert grid.shape[-2:] == (h0, w0), grid.shape
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
+    return torch.cat((cls_pos, patch_pos), dim=1).to(self.pos_embed.dtype)
+
+  def prepare_tokens(self, x):
+    _, _, h, w = x.shape
+    h0, w0 = h // self.patch_size, w // self.patch_size
+    t = self.patch_embed(x)
+    t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
+    t = t + self.interpolate_pos_encoding(h0, w0)
+    if self.num_register_tokens:
+      t = torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1), t[:, 1:]), dim=1)
+    return t
+
+  def forward_features(self, x, *, blocks=(-1,)):
+    """x: [B, 3, H, W] normalised images (H, W multiples of the patch size).
+
+    Returns {"keys": [B, P, D] (last requested block), "cls": [B, D], "patch_tokens":
+    [B, P, D], "cls_attn": [B, heads, P], "blocks": {i: {"q","k","v","attn","tokens"}}}.
+    """
+    depth = len(self.blocks)
+    wanted = sorted({b % depth for b in blocks})
+    npre = 1 + self.num_register_tokens
+    t = self.prepare_tokens(x)
+    per_block = {}
+    for i, blk in enumerate(self.blocks):
+      blk.attn.record = i in wanted
+      t = blk(t)
+      if i in wanted:
+        per_block[i] = dict(blk.attn.recorded, tokens=t)
+        blk.attn.record, blk.attn.recorded = False, {}
+    tn = self.norm(t)
+    last = per_block[wanted[-1]]
+    return {"keys": last["k"][:, npre:], "cls": tn[:, 0], "patch_tokens": tn[:, npre:],
+            "cls_attn": last["attn"][:, :, 0, npre:], "blocks": per_block}
+
+  def forward_keys_cls(self, x):
+    """Last-block Keys (patch tokens) and the final-norm CLS, the way a PyTorch user gets them:
+    a forward hook on the last block's `attn.qkv`, and a full forward pass."""
+    store = {}
+    handle = self.blocks[-1].attn.qkv.register_forward_hook(
+        lambda _m, _i, out: store.__setitem__("qkv", out))
+    try:
+      t = self.prepare_tokens(x)
+      for blk in self.blocks:
+        t = blk(t)
+      cls = self.norm(t)[:, 0]
+    finally:
+      handle.remove()
+    d = cls.shape[-1]
+    keys = store["qkv"][:, 1 + self.num_register_tokens:, d:2 * d]
+    return keys, cls
