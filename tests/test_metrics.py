@@ -29,14 +29,18 @@ def np_iou(c):
 # ---------------------------------------------------------------------------- confusion
 
 
+@pytest.mark.parametrize("xp", [np, jnp], ids=["host", "jax"])
 @pytest.mark.parametrize("num_pred,num_gt", [(21, 21), (5, 21), (30, 7)])
-def test_confusion_matrix_matches_numpy_bincount(num_pred, num_gt):
+def test_confusion_matrix_matches_numpy_bincount(num_pred, num_gt, xp):
   rng = np.random.default_rng(num_pred * 100 + num_gt)
   gt = rng.integers(0, num_gt, (3, 17, 23))
   gt[rng.random(gt.shape) < 0.1] = 255
   pred = rng.integers(-1, num_pred + 2, gt.shape)  # includes out-of-range ids, dropped
   valid = rng.random(gt.shape) < 0.9
-  got = np.asarray(M.confusion_matrix(pred, gt, num_pred=num_pred, num_gt=num_gt, valid=valid))
+  got = M.confusion_matrix(xp.asarray(pred), xp.asarray(gt), num_pred=num_pred, num_gt=num_gt,
+                           valid=xp.asarray(valid))
+  assert isinstance(got, jax.Array) == (xp is jnp)
+  got = np.asarray(got)
   want = np_confusion(pred, gt, num_pred, num_gt, valid=valid)
   assert got.shape == (num_gt, num_pred)
   np.testing.assert_array_equal(got, want)
@@ -63,14 +67,17 @@ def test_confusion_ignores_255_and_padding_invariant():
 
 def test_confusion_accumulator_sums_batches_and_rejects_bad_labels():
   rng = np.random.default_rng(1)
-  gts = [rng.integers(0, 3, (2, 8, 8)) for _ in range(3)]
-  preds = [rng.integers(0, 4, (2, 8, 8)) for _ in range(3)]
-  acc = M.ConfusionAccumulator(num_pred=4, num_gt=3)
-  for p, g in zip(preds, gts):
-    acc.update(p, g)
-  want = np_confusion(np.stack(preds), np.stack(gts), 4, 3)
-  np.testing.assert_array_equal(acc.total, want)
-  assert acc.total.dtype == np.int64
+  sizes = [(2, 8, 8), (1, 13, 7), (3, 5, 9)]  # ragged: jax inputs are padded to buckets
+  gts = [rng.integers(0, 3, s) for s in sizes]
+  preds = [rng.integers(0, 4, s) for s in sizes]
+  valids = [rng.random(s) < 0.8 for s in sizes]
+  want = sum(np_confusion(p, g, 4, 3, valid=v) for p, g, v in zip(preds, gts, valids))
+  for xp in (np, jnp):
+    acc = M.ConfusionAccumulator(num_pred=4, num_gt=3)
+    for p, g, v in zip(preds, gts, valids):
+      acc.update(xp.asarray(p), xp.asarray(g), xp.asarray(v))
+    np.testing.assert_array_equal(acc.total, want)
+    assert acc.total.dtype == np.int64
   with pytest.raises(ValueError, match=r"img7.*\[7\]"):
     acc.update(np.zeros((2, 2), int), np.array([[0, 7], [1, 255]]), name="img7")
 
@@ -216,12 +223,13 @@ def test_foreground_iou_matches_numpy_and_pooled_differs_from_mean():
   pred = rng.random(gt.shape) < 0.5
   valid = np.ones(gt.shape, bool)
   valid[:, 9:] = False
-  inter, union = M.foreground_iou(pred, gt, valid=valid)
   keep = (gt != 255) & valid
   want_i = ((pred & (gt > 0) & keep).sum((1, 2)))
   want_u = (((pred | (gt > 0)) & keep).sum((1, 2)))
-  np.testing.assert_array_equal(inter, want_i)
-  np.testing.assert_array_equal(union, want_u)
+  for xp in (np, jnp):
+    inter, union = M.foreground_iou(xp.asarray(pred), xp.asarray(gt), valid=xp.asarray(valid))
+    np.testing.assert_array_equal(inter, want_i)
+    np.testing.assert_array_equal(union, want_u)
 
   # Hand case: image A 1/2, image B 90/100: mean 0.7, pooled 91/102.
   s = M.foreground_iou_scores([np.array([1]), np.array([90])], [np.array([2]), np.array([100])])
@@ -245,3 +253,20 @@ def test_mean_std_and_summarize_seeds():
                  "per_class_iou/cat": "60.0 ± 10.0", "per_class_iou/dog": "nan"}
   with pytest.raises(ValueError):
     M.mean_std([])
+
+
+def test_confusion_and_fg_work_inside_jit_and_vmap():
+  rng = np.random.default_rng(6)
+  gt = rng.integers(0, 3, (4, 6, 5))
+  pred = rng.integers(0, 3, (4, 6, 5))
+
+  @jax.jit
+  def per_image(p, g):
+    cm = jax.vmap(lambda a, b: M.confusion_matrix(a, b, num_pred=3, num_gt=3))(p, g)
+    return cm, M.foreground_iou(p > 0, g)
+
+  cms, (inter, union) = per_image(jnp.asarray(pred), jnp.asarray(gt))
+  for i in range(4):
+    np.testing.assert_array_equal(cms[i], np_confusion(pred[i], gt[i], 3, 3))
+  np.testing.assert_array_equal(inter, ((pred > 0) & (gt > 0)).sum((1, 2)))
+  np.testing.assert_array_equal(union, ((pred > 0) | (gt > 0)).sum((1, 2)))
