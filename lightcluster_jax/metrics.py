@@ -95,9 +95,9 @@ def confusion_matrix(pred, gt, *, num_pred: int, num_gt: int, ignore_index: int 
 
   Computed as `bincount(gt * num_pred + pred)` with one overflow bin for skipped pixels.
   JAX arrays (and tracers, so it works inside `jit` / `vmap` / `shard_map`) go through a
-  jitted kernel compiled once per input shape; when `pred` and `gt` are both NumPy arrays
-  the same count is made on the host with `np.bincount` (no compilation, ~10x faster for
-  one image already in host memory).
+  jitted kernel compiled once per input shape (~0.1 s per new shape on CPU); when `pred` and
+  `gt` are both NumPy arrays the same count is made on the host with `np.bincount`, so a
+  loop over images of many sizes never compiles (~1.7 ms per 500x375 image).
 
   Args:
     pred: [...] int, predicted cluster / class ids (any shape, e.g. [B, H, W]).
