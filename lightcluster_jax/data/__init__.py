@@ -26,3 +26,10 @@ def sample_images() -> list[pathlib.Path]:
   """
   folder = pathlib.Path(str(importlib.resources.files("lightcluster_jax.data") / "samples"))
   return list_images(folder)
+
+
+__all__ = [
+    "COCOSemantic", "COCO_CATEGORY_IDS", "IMAGE_EXTENSIONS", "ImageError", "VOCSegmentation",
+    "check_min_size", "image_ids", "iter_images", "list_images", "load_image",
+    "read_label_png", "render_semantic_label", "sample_images", "write_label_png",
+]
