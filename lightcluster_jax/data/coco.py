@@ -26,7 +26,8 @@ larger one (a cup on a table) keeps its pixels. Crowd regions (`iscrowd=1`) beco
 Example:
   >>> ds = COCOSemantic("~/data/coco", split="val2017")
   >>> ex = ds["000000000139"]
-  >>> ex["label"].max() <= 80 or 255 in ex["label"]
+  >>> ex["image"].shape, ex["label"].shape        # (426, 640, 3), (426, 640)
+  >>> COCO81_CLASSES[int(ex["label"].max())]     # values: 0..80, 255 = crowd
 """
 
 from __future__ import annotations
