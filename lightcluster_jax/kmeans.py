@@ -161,7 +161,10 @@ def _kmeans_plus_plus(key, x, x_sq, w, k: int, n_local_trials: int) -> jax.Array
     pot = w * closest
     # All valid points already coincide with a centre: fall back to sampling ~ w.
     logits = jnp.where(jnp.any(pot > 0), _masked_logits(pot), logw)
-    cand = jax.random.categorical(sub, logits, shape=(n_local_trials,))
+    # One key per trial (not one [T, N] draw): with partitionable threefry the noise of point
+    # i then does not depend on N, so appending masked padding leaves the draws unchanged.
+    cand = jax.vmap(lambda kk: jax.random.categorical(kk, logits))(
+        jax.random.split(sub, n_local_trials))
     d = jnp.minimum(_sq_dists(x, x_sq, x[cand]), closest[:, None])
     best = jnp.argmin(jnp.einsum("n,nt->t", w, d, precision=_HI))
     return centroids.at[i].set(x[cand[best]]), d[:, best], key
@@ -231,9 +234,15 @@ def _pass(x, w, centroids, *, chunk: Optional[int], cosine: bool = False,
                  jax.lax.dynamic_update_slice_in_dim(carry.labels, p.labels, start, 0),
                  jax.lax.dynamic_update_slice_in_dim(carry.dist, p.dist, start, 0))
 
-  init = _Pass(jnp.zeros_like(centroids), jnp.zeros((k,), jnp.float32), jnp.float32(0),
-               jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
-  return jax.lax.fori_loop(0, -(-n // chunk), body, init)
+  # The carry starts from the first block's statistics and from buffers computed from the
+  # data (not constants), so inside shard_map it has the data's device-varying type.
+  p0 = _chunk_stats(x[:chunk], w[:chunk], centroids, cosine, stats)
+  zeros = w * 0.0
+  init = _Pass(p0.sums, p0.counts, p0.inertia,
+               jax.lax.dynamic_update_slice_in_dim(zeros.astype(jnp.int32), p0.labels, 0, 0),
+               jax.lax.dynamic_update_slice_in_dim(zeros, p0.dist, 0, 0))
+  del k
+  return jax.lax.fori_loop(1, -(-n // chunk), body, init)
 
 
 def _relocate_empty(x, w, labels, dist, sums, counts, cosine: bool = False):
@@ -533,7 +542,8 @@ def _grouped_kpp(key, x, x_sq, w, gid, num_groups: int, k: int, n_local_trials: 
     pot = w * closest
     has_pot = jax.ops.segment_sum(pot, gid, num_segments=num_groups) > 0
     logits = jnp.where(has_pot[gid], _masked_logits(pot), logw)
-    scores = logits[None, :] + jax.random.gumbel(sub, (t,) + w.shape)
+    noise = jax.vmap(lambda kk: jax.random.gumbel(kk, w.shape))(jax.random.split(sub, t))
+    scores = logits[None, :] + noise
     cand, _ = jax.vmap(lambda s: _segment_argmax(s, gid, num_groups))(scores)   # [T, G]
     xc = jnp.swapaxes(x[cand], 0, 1)                                   # [G, T, D]
     d = jnp.minimum(_own_group_dists(x, x_sq, gid, xc), closest[:, None])        # [N, T]

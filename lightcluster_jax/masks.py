@@ -1,0 +1,705 @@
+"""Foreground patch masks from clustering at three levels, made consistent (METHOD.md 2-7).
+
+Grids: a batch of patch grids is padded to a common `[B, h, w]`; `valid [B, h, w]` bool marks
+the real patches (for a padded image, its valid top-left rectangle). Features come as
+`keys [B, P, D]` with `P = h * w` in row-major order, so `keys.reshape(B, h, w, D)` is the grid.
+
+Pipeline of `multilevel_foreground` (each step is also a public function):
+
+1. Image level (`image_level_foreground`): k-means (k=2) of each image's L2-normalised Keys;
+   the foreground cluster is the one with the lower *border fraction* (share of its patches
+   on the border of the valid region); ties -> higher mean CLS attention.
+2. Category level: `category_groups` clusters the CLS tokens into `num_categories` groups;
+   `grouped_kmeans` clusters all Keys of each group.
+3. Dataset level: k-means of all Keys (optionally fitted on a random subset of patches).
+4. `foreground_clusters`: a category/dataset cluster is foreground if most of its patches lie
+   inside the image-level foreground (with a documented fallback), then per image a level
+   whose mask barely overlaps the image-level mask is replaced by it (METHOD.md failure mode:
+   a "foreground" cluster with 0.001 of its patches in the image-level foreground).
+5. `consistency`: `dc_and_i` (default) = Dataset and Category and dilate(Image, 1 patch);
+   `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left empty
+   falls back to its image-level mask.
+6. `soft_foreground`: softmax of negative squared distances to fg / bg centroids (step 7).
+
+Example:
+  >>> out = multilevel_foreground(keys, valid, cls, None, key=jax.random.key(0),
+  ...                             num_categories=2)
+  >>> out["consistent"].shape == valid.shape
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from lightcluster_jax import kmeans as _km
+
+__all__ = [
+    "valid_border", "dilate", "border_fraction", "image_level_foreground",
+    "cluster_foreground_share", "foreground_clusters", "trusted_level", "category_groups",
+    "consistency",
+    "connected_components", "component_sizes", "remove_small_components",
+    "soft_foreground", "multilevel_foreground", "RULES",
+]
+
+RULES = ("dc_and_i", "all", "majority", "image_only")
+
+_N4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_N8 = _N4 + ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def _shifted(x: jax.Array, dy: int, dx: int, fill) -> jax.Array:
+  """out[..., i, j] = x[..., i + dy, j + dx] (fill outside the grid)."""
+  h, w = x.shape[-2:]
+  pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
+  p = jnp.pad(x, pad, constant_values=fill)
+  return p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+def valid_border(valid: jax.Array) -> jax.Array:
+  """Border of the valid region: valid patches with a 4-neighbour outside it (or the grid).
+
+  Args:
+    valid: [..., h, w] bool. For a padded image (valid top-left rectangle of size hv x wv)
+      this is the outer ring of that rectangle.
+
+  Returns:
+    [..., h, w] bool.
+  """
+  valid = jnp.asarray(valid, bool)
+  inner = valid
+  for dy, dx in _N4:
+    inner = inner & _shifted(valid, dy, dx, False)
+  return valid & ~inner
+
+
+def dilate(mask: jax.Array, valid: Optional[jax.Array] = None, *, iterations: int = 1,
+           connectivity: int = 8) -> jax.Array:
+  """Binary dilation by a 3x3 square (connectivity 8) or cross (4), kept inside `valid`.
+
+  Args:
+    mask: [..., h, w] bool.
+    valid: optional [..., h, w] bool; the result never leaves it (and does not grow through
+      padding).
+    iterations: number of dilation steps (0 = identity).
+    connectivity: 8 (square) or 4 (cross).
+
+  Returns:
+    [..., h, w] bool.
+  """
+  return _dilate(mask, valid, iterations=iterations, connectivity=connectivity)
+
+
+def _dilate(mask: jax.Array, valid: Optional[jax.Array] = None, *, iterations: int = 1,
+            connectivity: int = 8) -> jax.Array:
+  """`dilate` (kept separate: `consistency` has an argument named `dilate`)."""
+  nbrs = _neighbours(connectivity)
+  mask = jnp.asarray(mask, bool)
+  if valid is not None:
+    mask = mask & valid
+  for _ in range(int(iterations)):
+    out = mask
+    for dy, dx in nbrs:
+      out = out | _shifted(mask, dy, dx, False)
+    mask = out if valid is None else out & valid
+  return mask
+
+
+def _neighbours(connectivity: int):
+  if connectivity == 4:
+    return _N4
+  if connectivity == 8:
+    return _N8
+  raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+
+
+def border_fraction(assignment: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+  """Share of each cluster's patches that lie on the border of the valid region.
+
+  .. math:: b_c = |\\{p \\in \\text{border}: a_p = c\\}| \\,/\\, |\\{p \\text{ valid}: a_p = c\\}|
+
+  Args:
+    assignment: [h, w] int cluster ids (values outside [0, k) are ignored).
+    valid: [h, w] bool.
+    k: number of clusters (static).
+
+  Returns:
+    [k] float32; an empty cluster gets 1.0 (never preferred as foreground).
+  """
+  valid = jnp.asarray(valid, bool)
+  onehot = (assignment[..., None] == jnp.arange(k)) & valid[..., None]
+  border = valid_border(valid)
+  n = jnp.sum(onehot, axis=(-3, -2)).astype(jnp.float32)
+  nb = jnp.sum(onehot & border[..., None], axis=(-3, -2)).astype(jnp.float32)
+  return jnp.where(n > 0, nb / jnp.maximum(n, 1.0), 1.0)
+
+
+def _pick_image_fg(bf, counts, attn, b0, tie_tol: float):
+  """Foreground clusters [k] bool of one image from border fractions (see image_level_...)."""
+  nonempty = counts > 0
+  bf_e = jnp.where(nonempty, bf, jnp.inf)
+  cand = nonempty & (bf_e <= jnp.min(bf_e) + tie_tol)
+  if attn is None:
+    best = jnp.argmin(jnp.where(cand, counts, jnp.inf))   # ties: the smaller cluster
+  else:
+    best = jnp.argmax(jnp.where(cand, attn, -jnp.inf))    # ties: higher CLS attention
+  below = nonempty & (bf_e < b0 - tie_tol)
+  return below | (jnp.arange(bf.shape[0]) == best)
+
+
+def image_level_foreground(keys, valid, cls_attn=None, *, keys_prng, k: int = 2,
+                           n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
+                           tie_tol: float = 1e-6, cosine: bool = True,
+                           batch_size: Optional[int] = None) -> dict:
+  """Image-level foreground: per-image k-means of Keys and the border-fraction rule.
+
+  With border fractions b_c (`border_fraction`) and b0 = (border patches) / (valid patches),
+  the share a cluster would have if it were spread uniformly, cluster c is foreground if
+
+    * it has the lowest b_c (ties within `tie_tol`: the higher mean CLS attention, or without
+      attention the smaller cluster), or
+    * b_c < b0, i.e. it touches the border less than a uniformly spread cluster would.
+
+  For k=2 exactly one cluster is foreground (b0 is the size-weighted mean of b_0 and b_1, so
+  only the lower one is below it): this is METHOD.md step 2. For k>2 every cluster that
+  avoids the border is foreground and the cluster with the highest b_c is always background.
+
+  Args:
+    keys: [B, P, D] Keys (raw or normalised; `cosine` normalises them).
+    valid: [B, h, w] bool with h * w = P.
+    cls_attn: optional [B, P] last-layer CLS attention to the patches (tie-break).
+    keys_prng: [B] typed or [B, 2] raw PRNG keys, one per image (fold_in(key, image_index)).
+    k: clusters per image (static).
+    n_init, max_iter, tol: k-means settings (see `kmeans`).
+    tie_tol: border fractions closer than this count as tied.
+    cosine: L2-normalise the Keys before k-means.
+    batch_size: forwarded to `batched_kmeans`.
+
+  Returns:
+    dict(fg [B, h, w] bool, assignment [B, h, w] int32 (-1 invalid), centroids [B, k, D],
+    fg_clusters [B, k] bool, border_fraction [B, k] float32).
+  """
+  b, p, d = _check_keys(keys, valid, "image_level_foreground")
+  h, w = valid.shape[-2:]
+  valid = jnp.asarray(valid, bool)
+  res = _km.batched_kmeans(keys, k, keys=keys_prng, mask=valid.reshape(b, p), n_init=n_init,
+                           max_iter=max_iter, tol=tol, cosine=cosine, batch_size=batch_size)
+  assignment = res.assignment.reshape(b, h, w)
+  bf = jax.vmap(lambda a, v: border_fraction(a, v, k))(assignment, valid)
+  onehot = (assignment[..., None] == jnp.arange(k)) & valid[..., None]
+  counts = jnp.sum(onehot, axis=(1, 2)).astype(jnp.float32)
+  border = valid_border(valid)
+  b0 = jnp.sum(border, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
+  if cls_attn is None:
+    fg_clusters = jax.vmap(lambda f, c, z: _pick_image_fg(f, c, None, z, tie_tol))(
+        bf, counts, b0)
+  else:
+    if jnp.shape(cls_attn) != (b, p):
+      raise ValueError(f"image_level_foreground: `cls_attn` has shape {jnp.shape(cls_attn)}, "
+                       f"expected [B, P] = {(b, p)}")
+    attn = jnp.einsum("bhwk,bhw->bk", onehot.astype(jnp.float32),
+                      jnp.asarray(cls_attn, jnp.float32).reshape(b, h, w))
+    attn = attn / jnp.maximum(counts, 1.0)
+    fg_clusters = jax.vmap(lambda f, c, a, z: _pick_image_fg(f, c, a, z, tie_tol))(
+        bf, counts, attn, b0)
+  fg = _lookup(fg_clusters, assignment) & valid
+  return dict(fg=fg, assignment=assignment, centroids=res.centroids, fg_clusters=fg_clusters,
+              border_fraction=bf)
+
+
+def _lookup(table: jax.Array, assignment: jax.Array) -> jax.Array:
+  """table [B, k] bool, assignment [B, h, w] int (-1 = none) -> [B, h, w] bool."""
+  b = table.shape[0]
+  flat = assignment.reshape(b, -1)
+  got = jnp.take_along_axis(table, jnp.clip(flat, 0, table.shape[1] - 1), axis=1)
+  return (got & (flat >= 0)).reshape(assignment.shape)
+
+
+def _check_keys(keys, valid, where: str):
+  ks, vs = jnp.shape(keys), jnp.shape(valid)
+  if len(ks) != 3:
+    raise ValueError(f"{where}: `keys` must be [B, P, D], got shape {ks}")
+  if len(vs) != 3 or vs[0] != ks[0] or vs[1] * vs[2] != ks[1]:
+    raise ValueError(f"{where}: `valid` must be [B, h, w] with h * w = P; got valid {vs} for "
+                     f"keys {ks}")
+  return ks
+
+
+def cluster_foreground_share(assignment, image_fg, valid, k: int):
+  """Per cluster: number of valid patches and the share of them inside the image-level fg.
+
+  Args:
+    assignment: int array of cluster ids in [0, k) (any shape; -1 / out of range ignored).
+    image_fg: bool array, same shape.
+    valid: bool array, same shape.
+    k: number of clusters (static).
+
+  Returns:
+    (share [k] float32 in [0, 1] (0 for empty clusters), counts [k] float32).
+  """
+  a = jnp.reshape(assignment, (-1,))
+  v = jnp.reshape(jnp.asarray(valid, bool), (-1,)) & (a >= 0) & (a < k)
+  f = jnp.reshape(jnp.asarray(image_fg, bool), (-1,)) & v
+  ids = jnp.clip(a, 0, k - 1)
+  counts = jax.ops.segment_sum(v.astype(jnp.float32), ids, num_segments=k)
+  inside = jax.ops.segment_sum(f.astype(jnp.float32), ids, num_segments=k)
+  return jnp.where(counts > 0, inside / jnp.maximum(counts, 1.0), 0.0), counts
+
+
+def foreground_clusters(assignment, image_fg, valid, k: int, *, group_ids=None,
+                        num_groups: Optional[int] = None, min_share: float = 0.5,
+                        fallback_share: float = 0.25) -> jax.Array:
+  """Which clusters of a level are foreground, judged by the image-level foreground.
+
+  A cluster is foreground if more than `min_share` of its valid patches lie inside the
+  image-level foreground (METHOD.md step 5). The scope is whatever is passed: one image,
+  a group, or the dataset. Fallback (per scope, i.e. per group when `group_ids` is given):
+  if no cluster passes, the cluster with the highest share is foreground *only if* that
+  share is at least `fallback_share`; otherwise the scope has no foreground cluster (its
+  level mask is empty, and `multilevel_foreground` then uses the image-level mask for those
+  images). This guards METHOD.md's failure mode where the cluster called "foreground" held
+  only 0.001 of image-level foreground.
+
+  Args:
+    assignment: int cluster ids in [0, k), any shape (e.g. [B, h, w]); -1 = none.
+    image_fg: bool image-level foreground, same shape.
+    valid: bool, same shape.
+    k: clusters per scope (static).
+    group_ids: optional int array, same shape: the group of every patch (category level);
+      clusters are then (group, cluster) pairs.
+    num_groups: G (static), required with `group_ids`.
+    min_share: majority threshold (strictly more than this share).
+    fallback_share: minimum share of the fallback cluster.
+
+  Returns:
+    [k] bool, or [G, k] bool with `group_ids`.
+  """
+  a = jnp.asarray(assignment)
+  if group_ids is None:
+    share, counts = cluster_foreground_share(a, image_fg, valid, k)
+    return _decide(share[None], counts[None], min_share, fallback_share)[0]
+  if num_groups is None:
+    raise ValueError("foreground_clusters: `num_groups` is required with `group_ids`")
+  g = jnp.asarray(group_ids)
+  inside = (g >= 0) & (g < num_groups)
+  combined = jnp.where((a >= 0) & inside, jnp.clip(g, 0, num_groups - 1) * k + a, -1)
+  share, counts = cluster_foreground_share(combined, image_fg, valid, num_groups * k)
+  return _decide(share.reshape(num_groups, k), counts.reshape(num_groups, k), min_share,
+                 fallback_share)
+
+
+def _decide(share, counts, min_share, fallback_share):
+  """share, counts [S, k] -> fg [S, k] bool (majority rule with the fallback)."""
+  fg = (share > min_share) & (counts > 0)
+  best = jnp.argmax(jnp.where(counts > 0, share, -1.0), axis=1)
+  best_share = jnp.take_along_axis(share, best[:, None], axis=1)[:, 0]
+  fallback = (~jnp.any(fg, axis=1)) & (best_share >= fallback_share)
+  pick = jax.nn.one_hot(best, share.shape[1], dtype=bool) & fallback[:, None]
+  return fg | pick
+
+
+def trusted_level(level_fg, image_fg, *, min_image_share: float = 0.2) -> jax.Array:
+  """Per image: is a level's mask usable, judged by the image-level mask?
+
+  A level (dataset / category) mask is trusted in image b if it is non-empty there and at
+  least `min_image_share` of its patches lie inside the image-level foreground. An untrusted
+  level is replaced by the image-level mask for that image in `multilevel_foreground`.
+
+  Args:
+    level_fg: [B, h, w] bool level mask.
+    image_fg: [B, h, w] bool image-level mask.
+    min_image_share: threshold in [0, 1].
+
+  Returns:
+    [B] bool.
+  """
+  level_fg = jnp.asarray(level_fg, bool)
+  n = jnp.sum(level_fg, axis=(-2, -1))
+  inside = jnp.sum(level_fg & jnp.asarray(image_fg, bool), axis=(-2, -1))
+  return (n > 0) & (inside >= min_image_share * jnp.maximum(n, 1))
+
+
+def category_groups(cls, num_categories: int, *, key, image_mask=None, n_init: int = 10,
+                    max_iter: int = 100) -> jax.Array:
+  """'Superclasses' without labels: k-means of the L2-normalised CLS tokens (METHOD step 3).
+
+  Args:
+    cls: [B, D] CLS tokens.
+    num_categories: number of groups (static); clipped to the number of images B.
+    key: PRNG key.
+    image_mask: optional [B] bool (False = padding image, group -1).
+    n_init: k-means restarts (cheap: one point per image).
+    max_iter: k-means iterations.
+
+  Returns:
+    group_ids [B] int32 in [0, min(num_categories, B)), -1 for masked images.
+  """
+  if len(jnp.shape(cls)) != 2:
+    raise ValueError(f"category_groups: `cls` must be [B, D], got shape {jnp.shape(cls)}")
+  g = min(int(num_categories), cls.shape[0])
+  if g < 1:
+    raise ValueError(f"category_groups: num_categories must be >= 1, got {num_categories}")
+  res = _km.kmeans(cls, g, key=key, mask=image_mask, n_init=n_init, max_iter=max_iter,
+                   cosine=True)
+  return res.assignment
+
+
+def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and_i",
+                dilate: int = 1) -> jax.Array:
+  """Combines the three level masks (METHOD.md step 6).
+
+  Rules (D, C, I = dataset, category, image-level masks; dil = 3x3 dilation within `valid`):
+
+    * `dc_and_i` (default): (D and C) and dil^n(I), n = `dilate` (1 patch).
+    * `all`: D and C and I.
+    * `majority`: at least 2 of D, C, I.
+    * `image_only`: I.
+
+  `dataset_fg` or `category_fg` may be None (that level left out: it does not constrain the
+  `and` rules; `majority` needs both).
+
+  Args:
+    dataset_fg, category_fg, image_fg: [B, h, w] bool (or any [..., h, w]).
+    valid: [..., h, w] bool.
+    rule: one of RULES.
+    dilate: dilation steps (patches) of I for `dc_and_i`.
+
+  Returns:
+    [..., h, w] bool, False outside `valid`.
+  """
+  if rule not in RULES:
+    raise ValueError(f"consistency: unknown rule {rule!r}; expected one of {RULES}")
+  valid = jnp.asarray(valid, bool)
+  i = jnp.asarray(image_fg, bool) & valid
+  if rule == "image_only":
+    return i
+  if rule == "majority":
+    if dataset_fg is None or category_fg is None:
+      raise ValueError("consistency: rule 'majority' needs dataset_fg and category_fg")
+    votes = (jnp.asarray(dataset_fg, bool).astype(jnp.int32)
+             + jnp.asarray(category_fg, bool).astype(jnp.int32) + i.astype(jnp.int32))
+    return (votes >= 2) & valid
+  dc = valid
+  if dataset_fg is not None:
+    dc = dc & jnp.asarray(dataset_fg, bool)
+  if category_fg is not None:
+    dc = dc & jnp.asarray(category_fg, bool)
+  if rule == "all":
+    return dc & i
+  return dc & _dilate(i, valid, iterations=int(dilate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Connected components (jittable).
+
+
+def _cc_2d(mask: jax.Array, neighbours) -> jax.Array:
+  """Component labels of one [H, W] mask: 0 background, 1..n in raster order of first pixel."""
+  h, w = mask.shape
+  n = h * w
+  big = jnp.int32(n)
+  idx = jnp.arange(n, dtype=jnp.int32)
+  fg = mask.reshape(-1)
+  parent = jnp.concatenate([jnp.where(fg, idx, big), big[None]])   # slot n: background sink
+
+  def neighbour_min(lab):
+    grid = lab[:n].reshape(h, w)
+    m = grid
+    for dy, dx in neighbours:
+      m = jnp.minimum(m, _shifted(grid, dy, dx, n))
+    return jnp.where(fg, m.reshape(-1), big)
+
+  def body(state):
+    parent, _ = state
+    m = neighbour_min(parent)
+    # Hook: the root a pixel points to adopts the smallest label seen around the pixel, so
+    # whole trees merge in one step (Shiloach-Vishkin style), not one pixel per step.
+    new = parent.at[parent[:n]].min(m).at[:n].min(m).at[n].set(big)
+    # Pointer jumping: every pixel moves to its grandparent (halves path lengths).
+    new = new[new]
+    new = new[new]
+    return new, jnp.any(new != parent)
+
+  parent, _ = jax.lax.while_loop(lambda s: s[1], body, (parent, jnp.asarray(True)))
+  root = parent[:n]
+  is_root = fg & (root == idx)
+  rank = jnp.cumsum(is_root.astype(jnp.int32))
+  labels = jnp.where(fg, rank[jnp.clip(root, 0, n - 1)], 0)
+  return labels.reshape(h, w).astype(jnp.int32)
+
+
+def connected_components(mask: jax.Array, *, connectivity: int = 4) -> jax.Array:
+  """Connected components of a binary mask, in JAX (jit / vmap friendly).
+
+  Iterative min-label propagation with root hooking and pointer jumping inside a
+  `lax.while_loop` until nothing changes; each pixel ends pointing at the smallest flat index
+  of its component, and components are then numbered 1..n in raster order of their first
+  pixel: exactly the labels of `scipy.ndimage.label` (with the matching structure).
+  Typical masks converge in a few tens of iterations (each O(H*W)), so 512x512 is fine.
+
+  Args:
+    mask: [..., H, W] bool (leading axes are vmapped).
+    connectivity: 4 (edges) or 8 (edges and corners).
+
+  Returns:
+    [..., H, W] int32 labels: 0 = background, 1..n = components.
+
+  Example:
+    >>> connected_components(jnp.array([[1, 0, 1], [1, 0, 0]], bool))
+    Array([[1, 0, 2],
+           [1, 0, 0]], dtype=int32)
+  """
+  nbrs = _neighbours(connectivity)
+  mask = jnp.asarray(mask, bool)
+  if mask.ndim < 2:
+    raise ValueError(f"connected_components: mask must be [..., H, W], got {mask.shape}")
+  lead = mask.shape[:-2]
+  flat = mask.reshape((-1,) + mask.shape[-2:])
+  out = jax.vmap(lambda m: _cc_2d(m, nbrs))(flat)
+  return out.reshape(mask.shape)
+
+
+def component_sizes(labels: jax.Array) -> jax.Array:
+  """Pixel count of every label of a `connected_components` output.
+
+  Args:
+    labels: [..., H, W] int32 labels (0 = background).
+
+  Returns:
+    [..., H*W + 1] int32 counts indexed by label (index 0 counts the background).
+  """
+  h, w = labels.shape[-2:]
+  flat = labels.reshape((-1, h * w))
+  sizes = jax.vmap(lambda l: jnp.bincount(l, length=h * w + 1))(flat)
+  return sizes.reshape(labels.shape[:-2] + (h * w + 1,)).astype(jnp.int32)
+
+
+def remove_small_components(mask: jax.Array, min_size: int, *,
+                            connectivity: int = 4) -> jax.Array:
+  """Drops the connected components of `mask` smaller than `min_size` pixels.
+
+  Args:
+    mask: [..., H, W] bool.
+    min_size: minimum component size to keep (<= 1 keeps everything).
+    connectivity: 4 or 8.
+
+  Returns:
+    [..., H, W] bool.
+  """
+  mask = jnp.asarray(mask, bool)
+  if min_size <= 1:
+    return mask
+  labels = connected_components(mask, connectivity=connectivity)
+  sizes = component_sizes(labels)
+  h, w = mask.shape[-2:]
+  own = jnp.take_along_axis(sizes.reshape(-1, h * w + 1), labels.reshape(-1, h * w), axis=1)
+  return mask & (own.reshape(mask.shape) >= min_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft probability and the whole multilevel procedure.
+
+
+def soft_foreground(keys, fg_centroid, bg_centroid, mask, *, temperature: float = 0.1,
+                    normalize: bool = True) -> jax.Array:
+  """Soft foreground probability per patch (METHOD.md step 7).
+
+  .. math:: p = \\frac{e^{-d_f / T}}{e^{-d_f / T} + e^{-d_b / T}}
+            = \\sigma\\big((d_b - d_f) / T\\big),\\quad d = \\lVert x - c \\rVert^2
+
+  Args:
+    keys: [B, P, D] Keys (L2-normalised first if `normalize`).
+    fg_centroid: [D] or [B, D].
+    bg_centroid: [D] or [B, D].
+    mask: [B, h, w] bool; the probability is 0 outside it (pass the consistent mask to get
+      the "masked by the consistent mask" variant, or `valid` for the plain soft map).
+    temperature: T > 0 (squared distances of unit vectors lie in [0, 4]).
+    normalize: L2-normalise the keys.
+
+  Returns:
+    [B, h, w] float32 in [0, 1].
+  """
+  b, p, d = _check_keys(keys, mask, "soft_foreground")
+  x = jnp.asarray(keys, jnp.float32)
+  if normalize:
+    x = _km._l2_normalize(x)
+  fc = jnp.broadcast_to(jnp.asarray(fg_centroid, jnp.float32), (b, d))
+  bc = jnp.broadcast_to(jnp.asarray(bg_centroid, jnp.float32), (b, d))
+  d_f = jnp.sum((x - fc[:, None]) ** 2, -1)
+  d_b = jnp.sum((x - bc[:, None]) ** 2, -1)
+  prob = jax.nn.sigmoid((d_b - d_f) / temperature).reshape(mask.shape)
+  return jnp.where(jnp.asarray(mask, bool), prob, 0.0)
+
+
+def _masked_mean(x, m):
+  """x [B, P, D], m [B, P] bool -> per-image mean [B, D] and count [B]."""
+  mf = m.astype(jnp.float32)
+  s = jnp.einsum("bp,bpd->bd", mf, x, precision=jax.lax.Precision.HIGHEST)
+  n = jnp.sum(mf, axis=1)
+  return s / jnp.maximum(n, 1.0)[:, None], n
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k_image", "k_category", "k_dataset", "num_categories", "rule", "dilate",
+    "min_region_patches", "dataset_fit_patches", "n_init_image", "n_init", "max_iter",
+    "connectivity", "fg_min_share", "fallback_share", "min_image_share", "has_attn"))
+def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_category,
+                k_dataset, num_categories, rule, dilate, min_region_patches,
+                dataset_fit_patches, n_init_image, n_init, max_iter, connectivity,
+                fg_min_share, fallback_share, min_image_share, has_attn):
+  b, p, d = keys.shape
+  h, w = valid.shape[1:]
+  x = _km._l2_normalize(keys.astype(jnp.float32))
+  vflat = valid.reshape(b, p)
+  k_img, k_grp, k_cat, k_dat = jax.random.split(key, 4)
+
+  # 1. Image level.
+  prng = jax.vmap(lambda i: jax.random.fold_in(k_img, i))(image_ids)
+  img = image_level_foreground(x, valid, cls_attn if has_attn else None, keys_prng=prng,
+                               k=k_image, n_init=n_init_image, max_iter=max_iter,
+                               cosine=False)
+  i_fg = img["fg"]
+
+  # 2. Category level.
+  image_valid = jnp.any(vflat, axis=1)
+  groups = category_groups(cls, num_categories, key=k_grp, image_mask=image_valid)
+  g = min(num_categories, b)
+  gid = jnp.broadcast_to(groups[:, None], (b, p))
+  cat = _km.grouped_kmeans(x.reshape(b * p, d), gid.reshape(-1), g, k_category, key=k_cat,
+                           mask=vflat.reshape(-1), n_init=n_init, max_iter=max_iter)
+  cat_assign = cat.assignment.reshape(b, h, w)
+  cat_table = foreground_clusters(cat_assign, i_fg, valid, k_category,
+                                  group_ids=gid.reshape(b, h, w), num_groups=g,
+                                  min_share=fg_min_share, fallback_share=fallback_share)
+  c_fg = cat_table[jnp.clip(gid.reshape(b, h, w), 0, g - 1), jnp.clip(cat_assign, 0, None)]
+  c_fg = c_fg & (cat_assign >= 0) & valid
+
+  # 3. Dataset level (optionally fitted on a uniform subset of the valid patches).
+  flat_x, flat_v = x.reshape(b * p, d), vflat.reshape(-1)
+  if dataset_fit_patches is not None and dataset_fit_patches < b * p:
+    k_s, k_dat = jax.random.split(k_dat)
+    prio = jnp.where(flat_v, jax.random.uniform(k_s, (b * p,)), -1.0)
+    top, idx = jax.lax.top_k(prio, dataset_fit_patches)
+    fit = _km.kmeans(flat_x[idx], k_dataset, key=k_dat, mask=top >= 0, n_init=n_init,
+                     max_iter=max_iter)
+    dat_centroids = fit.centroids
+    dat_assign, _ = _km.assign(flat_x, dat_centroids, mask=flat_v)
+  else:
+    fit = _km.kmeans(flat_x, k_dataset, key=k_dat, mask=flat_v, n_init=n_init,
+                     max_iter=max_iter)
+    dat_centroids, dat_assign = fit.centroids, fit.assignment
+  dat_assign = dat_assign.reshape(b, h, w)
+  dat_table = foreground_clusters(dat_assign, i_fg, valid, k_dataset,
+                                  min_share=fg_min_share, fallback_share=fallback_share)
+  d_fg = dat_table[jnp.clip(dat_assign, 0, None)] & (dat_assign >= 0) & valid
+
+  # 4. Per image, a level that barely overlaps the image-level foreground is not trusted.
+  d_ok = trusted_level(d_fg, i_fg, min_image_share=min_image_share)
+  c_ok = trusted_level(c_fg, i_fg, min_image_share=min_image_share)
+  d_used = jnp.where(d_ok[:, None, None], d_fg, i_fg)
+  c_used = jnp.where(c_ok[:, None, None], c_fg, i_fg)
+
+  # 5. Consistency, cleanup, empty fallback.
+  raw = consistency(d_used, c_used, i_fg, valid, rule=rule, dilate=dilate)
+  clean = remove_small_components(raw, min_region_patches, connectivity=connectivity)
+  empty = ~jnp.any(clean, axis=(1, 2))
+  final = jnp.where(empty[:, None, None], i_fg, clean)
+
+  # Centroids for the soft probability: mean normalised Key inside / outside the final mask;
+  # an image without any fg (bg) patch uses the mean over all images.
+  fgm = final.reshape(b, p)
+  bgm = vflat & ~fgm
+  fg_c, n_f = _masked_mean(x, fgm)
+  bg_c, n_b = _masked_mean(x, bgm)
+  all_f = jnp.sum(fg_c * n_f[:, None], 0) / jnp.maximum(jnp.sum(n_f), 1.0)
+  all_b = jnp.sum(bg_c * n_b[:, None], 0) / jnp.maximum(jnp.sum(n_b), 1.0)
+  fg_c = jnp.where((n_f > 0)[:, None], fg_c, all_f)
+  bg_c = jnp.where((n_b > 0)[:, None], bg_c, all_b)
+
+  return dict(
+      image=i_fg, category=c_fg, dataset=d_fg, consistent_raw=raw, consistent=final,
+      fallback=empty, dataset_trusted=d_ok, category_trusted=c_ok, groups=groups,
+      image_assignment=img["assignment"], image_centroids=img["centroids"],
+      image_fg_clusters=img["fg_clusters"], border_fraction=img["border_fraction"],
+      category_assignment=cat_assign, category_centroids=cat.centroids,
+      category_fg_clusters=cat_table, dataset_assignment=dat_assign,
+      dataset_centroids=dat_centroids, dataset_fg_clusters=dat_table,
+      fg_centroid=fg_c, bg_centroid=bg_c)
+
+
+def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int = 2,
+                          k_category: int = 2, k_dataset: int = 2, num_categories: int = 5,
+                          rule: str = "dc_and_i", dilate: int = 1,
+                          min_region_patches: int = 4,
+                          dataset_fit_patches: Optional[int] = None, image_ids=None,
+                          n_init_image: int = 1, n_init: int = 1, max_iter: int = 100,
+                          connectivity: int = 4, fg_min_share: float = 0.5,
+                          fallback_share: float = 0.25,
+                          min_image_share: float = 0.2) -> dict:
+  """Binary patch pseudo-masks from consistent Dataset / Category / Image-level clustering.
+
+  The in-memory version of METHOD.md steps 2-6 for a batch that is the whole (small) dataset;
+  the dataset-scale path reuses the same per-level functions with streamed k-means. One
+  compiled call; all configuration is static.
+
+  Steps: L2-normalise the Keys; image level (`image_level_foreground`, PRNG key of image i =
+  fold_in(key_image, image_ids[i])); category level (`category_groups` + `grouped_kmeans`);
+  dataset level (`kmeans`, or fitted on `dataset_fit_patches` random valid patches then every
+  patch assigned); `foreground_clusters` for the category (per group) and dataset levels; a
+  level whose mask in an image has less than `min_image_share` of its patches inside that
+  image's image-level mask (or is empty there) is replaced by the image-level mask for that
+  image; `consistency(rule)`; `remove_small_components(min_region_patches)`; an image left
+  empty falls back to its image-level mask.
+
+  Args:
+    keys: [B, P, D] raw last-block Keys (normalised here).
+    valid: [B, h, w] bool patch validity (h * w = P).
+    cls: [B, D] CLS tokens (for the category groups).
+    cls_attn: optional [B, P] CLS attention (image-level tie-break).
+    key: PRNG key.
+    k_image, k_category, k_dataset: clusters per level.
+    num_categories: CLS groups (clipped to B).
+    rule: consistency rule, one of RULES.
+    dilate: dilation (patches) of the image-level mask in `dc_and_i`.
+    min_region_patches: components smaller than this (in patches) are removed.
+    dataset_fit_patches: fit the dataset-level centroids on this many random patches.
+    image_ids: optional [B] int ids for the per-image PRNG keys (default arange(B)).
+    n_init_image: k-means restarts per image; n_init: restarts of the other levels.
+    max_iter: k-means iterations.
+    connectivity: 4 or 8 for the component cleanup.
+    fg_min_share, fallback_share: see `foreground_clusters`.
+    min_image_share: per-image trust threshold of the dataset / category masks.
+
+  Returns:
+    dict with [B, h, w] bool masks "image", "category", "dataset", "consistent_raw" (before
+    cleanup), "consistent" (final); [B] bool "fallback" (used the image mask),
+    "dataset_trusted", "category_trusted"; "groups" [B]; per level the assignments,
+    centroids and foreground-cluster tables; "fg_centroid", "bg_centroid" [B, D]: mean
+    normalised Key inside / outside the final mask (for `soft_foreground`).
+  """
+  b, p, d = _check_keys(keys, valid, "multilevel_foreground")
+  if rule not in RULES:
+    raise ValueError(f"multilevel_foreground: unknown rule {rule!r}; expected one of {RULES}")
+  if len(jnp.shape(cls)) != 2 or jnp.shape(cls)[0] != b:
+    raise ValueError(f"multilevel_foreground: `cls` must be [B, D] with B={b}, got "
+                     f"{jnp.shape(cls)}")
+  if cls_attn is not None and jnp.shape(cls_attn) != (b, p):
+    raise ValueError(f"multilevel_foreground: `cls_attn` has shape {jnp.shape(cls_attn)}, "
+                     f"expected {(b, p)}")
+  _neighbours(connectivity)
+  ids = jnp.arange(b) if image_ids is None else jnp.asarray(image_ids)
+  attn = jnp.zeros((b, p), jnp.float32) if cls_attn is None else jnp.asarray(cls_attn)
+  return _multilevel(
+      jnp.asarray(keys), jnp.asarray(valid, bool), jnp.asarray(cls), attn, key, ids,
+      k_image=int(k_image), k_category=int(k_category), k_dataset=int(k_dataset),
+      num_categories=int(num_categories), rule=rule, dilate=int(dilate),
+      min_region_patches=int(min_region_patches),
+      dataset_fit_patches=None if dataset_fit_patches is None else int(dataset_fit_patches),
+      n_init_image=int(n_init_image), n_init=int(n_init), max_iter=int(max_iter),
+      connectivity=int(connectivity), fg_min_share=float(fg_min_share),
+      fallback_share=float(fallback_share), min_image_share=float(min_image_share),
+      has_attn=cls_attn is not None)

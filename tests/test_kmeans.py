@@ -1,0 +1,456 @@
+"""Tests of lightcluster_jax.kmeans against scikit-learn, ott-jax and NumPy, plus properties.
+
+Oracles and tolerances:
+  * scikit-learn `KMeans(algorithm="lloyd")` with the same initial centroids: identical labels,
+    same iteration count, centroids within 1e-4 (float32), inertia within 1e-5 relative.
+  * scikit-learn k-means++ vs ours over 200 seeds each: mean inertia within 1%.
+  * ott-jax `k_means` with the same initial centroids (and zero weights for masked points):
+    identical labels, centroids within 1e-4.
+  * NumPy Lloyd sums for the streamed / sharded statistics: within 1e-4 relative.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightcluster_jax import kmeans as km
+
+sklearn_cluster = pytest.importorskip("sklearn.cluster")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+
+def blobs(n=400, d=8, centers=5, std=1.0, seed=0):
+  x, y = sklearn_datasets.make_blobs(n, n_features=d, centers=centers, cluster_std=std,
+                                     random_state=seed)
+  return x.astype(np.float32), y
+
+
+def same_partition(a, b):
+  """True if two labelings define the same partition (equal up to renaming)."""
+  a, b = np.asarray(a), np.asarray(b)
+  pairs = set(zip(a.tolist(), b.tolist()))
+  return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def np_inertia(x, c, labels, w=None):
+  w = np.ones(len(x)) if w is None else w
+  return float(np.sum(w * np.sum((x - np.asarray(c)[labels]) ** 2, -1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with scikit-learn.
+
+
+@pytest.mark.parametrize("k,d,std", [(3, 2, 1.0), (6, 16, 2.5)])
+def test_same_init_matches_sklearn(k, d, std):
+  x, _ = blobs(n=500, d=d, centers=k + 1, std=std, seed=k)
+  init = x[np.random.default_rng(k).choice(len(x), k, replace=False)]
+  sk = sklearn_cluster.KMeans(k, init=init, n_init=1, max_iter=100, tol=1e-4,
+                              algorithm="lloyd").fit(x)
+  ours = km.kmeans(x, k, key=jax.random.key(0), init=init, max_iter=100, tol=1e-4)
+  np.testing.assert_array_equal(np.asarray(ours.assignment), sk.labels_)
+  np.testing.assert_allclose(np.asarray(ours.centroids), sk.cluster_centers_, atol=1e-4)
+  np.testing.assert_allclose(float(ours.inertia), sk.inertia_, rtol=1e-5)
+  assert int(ours.iterations) == sk.n_iter_
+  assert bool(ours.converged)
+
+
+def test_same_init_matches_sklearn_weighted_and_masked():
+  x, _ = blobs(n=300, d=4, centers=4, std=1.5, seed=3)
+  rng = np.random.default_rng(0)
+  w = rng.uniform(0.2, 3.0, len(x)).astype(np.float32)
+  init = x[:4]
+  sk = sklearn_cluster.KMeans(4, init=init, n_init=1, algorithm="lloyd").fit(
+      x, sample_weight=w)
+  # Ours on the same points hidden among garbage rows that are masked out.
+  garbage = rng.normal(50.0, 30.0, (200, 4)).astype(np.float32)
+  xp = np.concatenate([x, garbage])
+  mask = np.arange(len(xp)) < len(x)
+  wp = np.concatenate([w, rng.uniform(1, 5, 200).astype(np.float32)])
+  ours = km.kmeans(xp, 4, key=jax.random.key(0), init=init, mask=mask, weights=wp)
+  np.testing.assert_array_equal(np.asarray(ours.assignment)[:len(x)], sk.labels_)
+  assert np.all(np.asarray(ours.assignment)[len(x):] == -1)
+  np.testing.assert_allclose(np.asarray(ours.centroids), sk.cluster_centers_, atol=1e-4)
+  np.testing.assert_allclose(float(ours.inertia), sk.inertia_, rtol=1e-5)
+
+
+def test_kmeans_plus_plus_seeding_matches_sklearn_over_seeds():
+  # The potential of the k-means++ seeds (max_iter=0: no Lloyd step) over 300 seeds, against
+  # scikit-learn's `kmeans_plusplus`; uniform seeding is ~65% worse, so the test can fail.
+  x, _ = blobs(n=1500, d=16, centers=12, std=1.5, seed=0)
+  k, seeds = 8, 300
+
+  def potential(c):
+    return ((x[:, None] - c[None]) ** 2).sum(-1).min(1).sum()
+
+  sk = np.array([potential(sklearn_cluster.kmeans_plusplus(x, k, random_state=s)[0])
+                 for s in range(seeds)])
+  keys = jax.random.split(jax.random.key(0), seeds)
+  xs = jnp.broadcast_to(x, (seeds,) + x.shape)
+  ours = np.asarray(km.batched_kmeans(xs, k, keys=keys, max_iter=0).inertia)
+  rand = np.asarray(km.batched_kmeans(xs, k, keys=keys, init="random", max_iter=0).inertia)
+  assert abs(ours.mean() / sk.mean() - 1) < 0.01
+  assert rand.mean() / sk.mean() - 1 > 0.3
+
+
+@pytest.mark.slow
+def test_kmeans_plus_plus_inertia_matches_sklearn_over_seeds():
+  # Several local optima: the mean over seeds tests the seeding distribution. Random
+  # seeding is ~24% worse here, so the test can fail.
+  x, _ = blobs(n=1500, d=16, centers=12, std=1.5, seed=0)
+  k, seeds = 8, 200
+  sk = np.array([sklearn_cluster.KMeans(k, n_init=1, random_state=s).fit(x).inertia_
+                 for s in range(seeds)])
+  keys = jax.random.split(jax.random.key(0), seeds)
+  xs = jnp.broadcast_to(x, (seeds,) + x.shape)
+  ours = np.asarray(km.batched_kmeans(xs, k, keys=keys).inertia)
+  rand = np.asarray(km.batched_kmeans(xs, k, keys=keys, init="random").inertia)
+  assert abs(ours.mean() / sk.mean() - 1) < 0.01
+  assert rand.mean() / sk.mean() - 1 > 0.05
+
+
+def test_k2_inertia_within_one_percent_per_seed():
+  # The image-level use: k=2 on 20 synthetic images; every seed within 1% of scikit-learn.
+  rng = np.random.default_rng(1)
+  for s in range(20):
+    n = 400
+    x = rng.normal(size=(n, 32)).astype(np.float32)
+    x[: n // 3] += rng.normal(size=32).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sk = sklearn_cluster.KMeans(2, n_init=1, random_state=s).fit(x).inertia_
+    ours = float(km.kmeans(x, 2, key=jax.random.key(s)).inertia)
+    assert abs(ours / sk - 1) < 0.01, (s, ours, sk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with ott-jax.
+
+
+def test_same_init_matches_ott():
+  ott_k_means = pytest.importorskip("ott.tools.k_means")
+  x, _ = blobs(n=300, d=5, centers=4, std=1.0, seed=7)
+  init = x[[0, 50, 100, 150]]
+  mask = np.ones(len(x), bool)
+  mask[::7] = False        # ott has no mask: zero weights are its equivalent
+  ott = ott_k_means.k_means(jnp.asarray(x), 4, weights=jnp.asarray(mask, jnp.float32),
+                            init=lambda *_: jnp.asarray(init), n_init=1, tol=0.0,
+                            max_iterations=100)
+  ours = km.kmeans(x, 4, key=jax.random.key(0), init=init, mask=mask, tol=0.0)
+  np.testing.assert_array_equal(np.asarray(ours.assignment)[mask],
+                                np.asarray(ott.assignment)[mask])
+  np.testing.assert_allclose(np.asarray(ours.centroids), np.asarray(ott.centroids), atol=1e-4)
+  np.testing.assert_allclose(float(ours.inertia), float(ott.error), rtol=1e-4)
+
+
+def test_kmeans_plus_plus_close_to_ott():
+  ott_k_means = pytest.importorskip("ott.tools.k_means")
+  x, _ = blobs(n=400, d=6, centers=5, std=1.0, seed=11)
+  ott = ott_k_means.k_means(jnp.asarray(x), 5, n_init=2, rng=jax.random.key(0))
+  ours = km.kmeans(x, 5, key=jax.random.key(0), n_init=2)
+  assert same_partition(ours.assignment, ott.assignment)
+  np.testing.assert_allclose(float(ours.inertia), float(ott.error), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties.
+
+
+def test_padding_invariance_kmeans_plus_plus():
+  """A set padded with masked garbage rows gives the same result as the set alone."""
+  x, _ = blobs(n=300, d=6, centers=4, std=2.0, seed=2)
+  garbage = np.random.default_rng(0).normal(100, 50, (212, 6)).astype(np.float32)
+  key = jax.random.key(42)
+  alone = km.kmeans(x, 4, key=key)
+  padded = km.kmeans(np.concatenate([x, garbage]), 4, key=key,
+                     mask=np.arange(512) < 300)
+  np.testing.assert_array_equal(np.asarray(padded.assignment)[:300], np.asarray(alone.assignment))
+  np.testing.assert_allclose(np.asarray(padded.centroids), np.asarray(alone.centroids), atol=1e-5)
+  np.testing.assert_allclose(float(padded.inertia), float(alone.inertia), rtol=1e-5)
+  assert int(padded.iterations) == int(alone.iterations)
+
+
+def test_batched_equals_single_and_is_order_independent():
+  rng = np.random.default_rng(0)
+  sizes = [120, 200, 77, 200]
+  sets = [blobs(n=s, d=4, centers=3, seed=i)[0] for i, s in enumerate(sizes)]
+  pts = np.stack([np.concatenate([s, rng.normal(size=(200 - len(s), 4)).astype(np.float32)])
+                  for s in sets])
+  mask = np.stack([np.arange(200) < s for s in sizes])
+  base = jax.random.key(5)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(4))
+  res = km.batched_kmeans(pts, 3, keys=keys, mask=mask)
+  for i in range(4):
+    one = km.kmeans(pts[i], 3, key=jax.random.fold_in(base, i), mask=mask[i])
+    np.testing.assert_array_equal(np.asarray(res.assignment[i]), np.asarray(one.assignment))
+    np.testing.assert_allclose(np.asarray(res.centroids[i]), np.asarray(one.centroids),
+                               atol=1e-5)
+  perm = np.array([2, 0, 3, 1])
+  res_p = km.batched_kmeans(pts[perm], 3, keys=keys[perm], mask=mask[perm])
+  np.testing.assert_array_equal(np.asarray(res_p.assignment), np.asarray(res.assignment)[perm])
+  chunked = km.batched_kmeans(pts, 3, keys=keys, mask=mask, batch_size=2)
+  np.testing.assert_array_equal(np.asarray(chunked.assignment), np.asarray(res.assignment))
+
+
+def test_permutation_invariance():
+  x, _ = blobs(n=256, d=5, centers=4, std=1.0, seed=9)
+  perm = np.random.default_rng(0).permutation(len(x))
+  init = x[[3, 70, 140, 200]]
+  a = km.kmeans(x, 4, key=jax.random.key(0), init=init)
+  b = km.kmeans(x[perm], 4, key=jax.random.key(0), init=init)
+  np.testing.assert_array_equal(np.asarray(b.assignment), np.asarray(a.assignment)[perm])
+  np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), atol=1e-5)
+  # k-means++ draws depend on the order, but the optimum found on separated blobs does not.
+  c = km.kmeans(x[perm], 4, key=jax.random.key(3), n_init=3)
+  assert same_partition(np.asarray(c.assignment), np.asarray(a.assignment)[perm])
+  np.testing.assert_allclose(float(c.inertia), float(a.inertia), rtol=1e-4)
+
+
+def test_determinism_and_jit():
+  x, _ = blobs(n=300, d=4, centers=6, std=2.0, seed=4)
+  r1 = km.kmeans(x, 5, key=jax.random.key(1), n_init=3)
+  r2 = km.kmeans(x, 5, key=jax.random.key(1), n_init=3)
+  r3 = jax.jit(lambda p: km.kmeans(p, 5, key=jax.random.key(1), n_init=3))(x)
+  for a, b in ((r1, r2), (r1, r3)):
+    np.testing.assert_array_equal(np.asarray(a.assignment), np.asarray(b.assignment))
+    np.testing.assert_array_equal(np.asarray(a.centroids), np.asarray(b.centroids))
+  # Raw uint32 keys work too; a different key gives a different seeding.
+  r4 = km.kmeans(x, 5, key=jax.random.PRNGKey(1))
+  assert r4.centroids.shape == (5, 4)
+
+
+def test_empty_cluster_is_reseeded_like_sklearn():
+  x, _ = blobs(n=200, d=2, centers=3, std=0.5, seed=1)
+  init = np.concatenate([x[:2], np.array([[1e3, 1e3]], np.float32)])   # third one is empty
+  sk = sklearn_cluster.KMeans(3, init=init, n_init=1, algorithm="lloyd").fit(x)
+  ours = km.kmeans(x, 3, key=jax.random.key(0), init=init)
+  assert np.all(np.bincount(np.asarray(ours.assignment), minlength=3) > 0)
+  np.testing.assert_array_equal(np.asarray(ours.assignment), sk.labels_)
+  np.testing.assert_allclose(np.asarray(ours.centroids), sk.cluster_centers_, atol=1e-4)
+
+
+def test_empty_cluster_never_takes_a_masked_point():
+  x, _ = blobs(n=100, d=2, centers=2, std=0.3, seed=0)
+  far = np.full((20, 2), 1e4, np.float32)          # masked, and farther than anything
+  xp = np.concatenate([x, far])
+  mask = np.arange(120) < 100
+  init = np.concatenate([x[:1], np.array([[-1e3, -1e3]], np.float32)])
+  res = km.kmeans(xp, 2, key=jax.random.key(0), init=init, mask=mask)
+  assert np.abs(np.asarray(res.centroids)).max() < 100
+  assert np.all(np.asarray(res.assignment)[100:] == -1)
+
+
+def test_cosine_is_scale_invariant():
+  x, _ = blobs(n=200, d=6, centers=3, seed=5)
+  scale = np.random.default_rng(0).uniform(0.1, 10, (200, 1)).astype(np.float32)
+  a = km.kmeans(x, 3, key=jax.random.key(0), cosine=True)
+  b = km.kmeans(x * scale, 3, key=jax.random.key(0), cosine=True)
+  np.testing.assert_array_equal(np.asarray(a.assignment), np.asarray(b.assignment))
+  np.testing.assert_allclose(np.asarray(a.centroids), np.asarray(b.centroids), atol=1e-5)
+  xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+  np.testing.assert_allclose(float(a.inertia), np_inertia(xn, a.centroids, a.assignment),
+                             rtol=1e-4)
+
+
+def test_integer_weights_equal_repeated_points():
+  x, _ = blobs(n=120, d=3, centers=3, seed=8)
+  reps = np.random.default_rng(0).integers(1, 4, len(x))
+  init = x[[0, 40, 80]]
+  a = km.kmeans(x, 3, key=jax.random.key(0), init=init, weights=reps.astype(np.float32))
+  b = km.kmeans(np.repeat(x, reps, axis=0), 3, key=jax.random.key(0), init=init)
+  np.testing.assert_allclose(np.asarray(a.centroids), np.asarray(b.centroids), atol=1e-4)
+  np.testing.assert_allclose(float(a.inertia), float(b.inertia), rtol=1e-4)
+
+
+def test_chunked_passes_equal_unchunked():
+  x, _ = blobs(n=1000, d=8, centers=6, std=3.0, seed=6)
+  init = x[:5]
+  a = km.kmeans(x, 5, key=jax.random.key(0), init=init, tol=0.0)
+  b = km.kmeans(x, 5, key=jax.random.key(0), init=init, tol=0.0, chunk_size=96)
+  np.testing.assert_array_equal(np.asarray(a.assignment), np.asarray(b.assignment))
+  np.testing.assert_allclose(np.asarray(a.centroids), np.asarray(b.centroids), atol=1e-4)
+  assert int(a.iterations) == int(b.iterations)
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = np.zeros((10, 3), np.float32)
+  with pytest.raises(ValueError, match="points"):
+    km.kmeans(x[0], 2, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="k=11"):
+    km.kmeans(x, 11, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="mask"):
+    km.kmeans(x, 2, key=jax.random.key(0), mask=np.ones(9, bool))
+  with pytest.raises(ValueError, match="init"):
+    km.kmeans(x, 2, key=jax.random.key(0), init=np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="init"):
+    km.kmeans(x, 2, key=jax.random.key(0), init="kmeans")
+  with pytest.raises(ValueError, match="group_ids"):
+    km.grouped_kmeans(x, np.zeros(9, np.int32), 2, 2, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="one-shot"):
+    km.fit_streaming(iter([x]), 2, key=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped k-means.
+
+
+def test_grouped_equals_per_group_loop():
+  rng = np.random.default_rng(0)
+  x, _ = blobs(n=600, d=6, centers=8, std=1.5, seed=12)
+  gid = rng.integers(0, 4, len(x)).astype(np.int32)
+  mask = rng.random(len(x)) > 0.1
+  k = 3
+  init = np.stack([x[(gid == g) & mask][:k] for g in range(4)])
+  res = km.grouped_kmeans(x, gid, 4, k, key=jax.random.key(0), mask=mask, init=init)
+  for g in range(4):
+    sel = (gid == g) & mask
+    one = km.kmeans(x[sel], k, key=jax.random.key(0), init=init[g])
+    np.testing.assert_array_equal(np.asarray(res.assignment)[sel], np.asarray(one.assignment))
+    np.testing.assert_allclose(np.asarray(res.centroids[g]), np.asarray(one.centroids),
+                               atol=1e-4)
+    np.testing.assert_allclose(float(res.inertia[g]), float(one.inertia), rtol=1e-4)
+    assert int(res.iterations[g]) == int(one.iterations)
+  assert np.all(np.asarray(res.assignment)[~mask] == -1)
+
+
+def test_grouped_kmeans_plus_plus_finds_each_groups_optimum():
+  rng = np.random.default_rng(1)
+  parts, gids = [], []
+  for g in range(3):                                # 3 groups, each 3 clear blobs
+    xg, _ = blobs(n=120, d=4, centers=3, std=0.4, seed=20 + g)
+    parts.append(xg)
+    gids.append(np.full(len(xg), g, np.int32))
+  x, gid = np.concatenate(parts), np.concatenate(gids)
+  perm = rng.permutation(len(x))
+  x, gid = x[perm], gid[perm]
+  res = km.grouped_kmeans(x, gid, 4, 3, key=jax.random.key(0), n_init=3)  # group 3 is empty
+  for g in range(3):
+    one = sklearn_cluster.KMeans(3, n_init=5, random_state=g).fit(x[gid == g])
+    one.assignment, one.inertia = one.labels_, one.inertia_
+    assert same_partition(np.asarray(res.assignment)[gid == g], one.assignment)
+    np.testing.assert_allclose(float(res.inertia[g]), float(one.inertia), rtol=1e-4)
+  assert float(res.inertia[3]) == 0.0 and not bool(res.converged[3])
+
+
+def test_grouped_empty_cluster_reseeded():
+  x, _ = blobs(n=200, d=2, centers=4, std=0.5, seed=2)
+  gid = (np.arange(200) % 2).astype(np.int32)
+  init = np.stack([np.concatenate([x[gid == g][:2], [[1e3, 1e3]]]) for g in range(2)])
+  res = km.grouped_kmeans(x, gid, 2, 3, key=jax.random.key(0), init=init.astype(np.float32))
+  for g in range(2):
+    one = km.kmeans(x[gid == g], 3, key=jax.random.key(0), init=init[g])
+    np.testing.assert_array_equal(np.asarray(res.assignment)[gid == g],
+                                  np.asarray(one.assignment))
+    assert np.all(np.bincount(np.asarray(res.assignment)[gid == g], minlength=3) > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset scale.
+
+
+def test_lloyd_statistics_match_numpy_and_sum_over_chunks():
+  x, _ = blobs(n=1000, d=8, centers=5, seed=13)
+  c = x[:5]
+  d2 = ((x[:, None] - c[None]) ** 2).sum(-1)
+  lab = d2.argmin(1)
+  sums = np.stack([x[lab == j].sum(0) for j in range(5)])
+  counts = np.bincount(lab, minlength=5)
+  s, n, j = km.lloyd_statistics(x, None, c)
+  np.testing.assert_allclose(np.asarray(s), sums, rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(n), counts)
+  np.testing.assert_allclose(float(j), d2.min(1).sum(), rtol=1e-5)
+  parts = [km.lloyd_statistics(x[i:i + 300], None, c) for i in range(0, 1000, 300)]
+  np.testing.assert_allclose(sum(np.asarray(p[0]) for p in parts), sums, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(sum(float(p[2]) for p in parts), float(j), rtol=1e-5)
+
+
+def test_streaming_lloyd_equals_full_lloyd():
+  x, _ = blobs(n=3000, d=8, centers=7, std=3.0, seed=14)
+  init = x[:6]
+  full = km.kmeans(x, 6, key=jax.random.key(0), init=init, max_iter=8, tol=0.0)
+  batches = [(x[i:i + 700], None) for i in range(0, 3000, 700)]      # ragged last batch
+  c_list, info = km.fit_streaming(batches, 6, key=jax.random.key(0), init=init, epochs=8,
+                                  tol=0.0, return_info=True)
+  c_arr = km.fit_streaming(x, 6, key=jax.random.key(0), init=init, epochs=8, tol=0.0,
+                           block_size=1024, chunk_size=256)
+  np.testing.assert_allclose(np.asarray(c_list), np.asarray(full.centroids), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(c_arr), np.asarray(full.centroids), atol=1e-4)
+  assert info["epochs"] == int(full.iterations)
+  # inertia is non-increasing along Lloyd epochs
+  assert all(b <= a * (1 + 1e-6) for a, b in zip(info["inertia"], info["inertia"][1:]))
+
+
+def test_streaming_from_generator_with_masks_and_minibatch():
+  x, _ = blobs(n=4000, d=6, centers=4, std=0.8, seed=15)
+  rng = np.random.default_rng(0)
+  junk = rng.normal(500, 1, (4000, 6)).astype(np.float32)
+
+  def stream():                                   # valid rows interleaved with masked junk
+    for i in range(0, 4000, 1000):
+      xb = np.concatenate([x[i:i + 1000], junk[i:i + 1000]])
+      yield xb, np.arange(2000) < 1000
+
+  ref = sklearn_cluster.KMeans(4, n_init=5, random_state=0).fit(x)
+  ref.assignment, ref.inertia = ref.labels_, ref.inertia_
+  c = km.fit_streaming(stream, 4, key=jax.random.key(1), init_sample_size=500, epochs=10)
+  a, _ = km.assign(x, c)
+  assert same_partition(a, ref.assignment)
+  c_mb = km.fit_streaming(stream, 4, key=jax.random.key(1), init_sample_size=500, epochs=3,
+                          method="minibatch")
+  a_mb, d_mb = km.assign(x, c_mb)
+  assert float(d_mb.sum()) < 1.02 * float(ref.inertia)
+  assert np.abs(np.asarray(c_mb)).max() < 100     # the masked junk never pulled a centroid
+
+
+def test_kmeans_on_sample_and_assign_host_and_device():
+  x, _ = blobs(n=5000, d=8, centers=5, std=1.0, seed=16)
+  res = km.kmeans_on_sample(x, 5, key=jax.random.key(0), sample_size=800, n_init=3,
+                            refine_iters=3, block_size=1500, chunk_size=512)
+  assert res.assignment.shape == (5000,)
+  a_host, d_host = km.assign(x, res.centroids, block_size=1500, chunk_size=512)
+  a_dev, d_dev = km.assign(jnp.asarray(x), res.centroids, chunk_size=700)
+  np.testing.assert_array_equal(np.asarray(a_host), np.asarray(res.assignment))
+  np.testing.assert_array_equal(np.asarray(a_dev), np.asarray(res.assignment))
+  np.testing.assert_allclose(float(res.inertia), float(d_host.sum()), rtol=1e-5)
+  np.testing.assert_allclose(float(res.inertia),
+                             np_inertia(x, res.centroids, np.asarray(res.assignment)), rtol=1e-4)
+  full = sklearn_cluster.KMeans(5, n_init=3, random_state=0).fit(x)
+  np.testing.assert_allclose(float(res.inertia), full.inertia_, rtol=1e-3)
+  idx = km.sample_indices(100, 30, key=jax.random.key(0), mask=np.arange(100) % 2 == 0)
+  assert len(idx) == 30 and np.all(idx % 2 == 0) and np.all(np.diff(idx) > 0)
+
+
+def test_sharded_lloyd_step_matches_single_device(tmp_path):
+  """lloyd_statistics inside jax.shard_map over 8 simulated CPU devices == unsharded."""
+  script = textwrap.dedent("""
+      import numpy as np, jax, jax.numpy as jnp
+      from jax.sharding import Mesh, PartitionSpec as P, AxisType
+      from lightcluster_jax import kmeans as km
+      assert jax.device_count() == 8, jax.devices()
+      rng = np.random.default_rng(0)
+      x = rng.normal(size=(8 * 250, 6)).astype(np.float32)
+      m = rng.random(8 * 250) > 0.2
+      c = x[:4]
+      mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+      step = jax.jit(jax.shard_map(
+          lambda x, m, c: km.lloyd_statistics(x, m, c, axis_name="data", chunk_size=64),
+          mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=(P(), P(), P())))
+      s, n, j = step(x, m, c)
+      s0, n0, j0 = km.lloyd_statistics(x, m, c)
+      np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=1e-5, atol=1e-4)
+      np.testing.assert_array_equal(np.asarray(n), np.asarray(n0))
+      np.testing.assert_allclose(float(j), float(j0), rtol=1e-5)
+      print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
