@@ -44,14 +44,18 @@ def _weights(weights):
 
 
 def panel(image: np.ndarray, masks: dict, refined: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """[H, 4W(+gaps), 3] uint8: image | consistent mask | refined mask | labels overlay."""
-  h, w = image.shape[:2]
-  patch = np.asarray(Image.fromarray(masks["consistent"].astype(np.uint8) * 255).resize(
-      (w, h), Image.NEAREST))
-  gray = lambda m: np.repeat((np.asarray(m, np.uint8) * 255)[..., None], 3, -1)
-  gap = np.full((h, 6, 3), 255, np.uint8)
-  tiles = [image, gap, gray(patch > 0), gap, gray(refined), gap, viz.overlay(image, labels)]
-  return np.concatenate(tiles, axis=1)
+  """The stages of one image as a titled mosaic (`viz.stage_panel`): [H', W', 3] uint8.
+
+  Row 1: image | image-level mask | dataset-level mask; row 2: consistent patch mask |
+  CRF-refined mask | final labels over the image. Tiles are 240 pixels high (masks drawn on
+  the image, patch masks blocky); a level missing from `masks` is left out.
+  """
+  stages = {f"{lvl}-level mask": masks.get(lvl) for lvl in ("image", "dataset")}
+  stages["consistent mask"] = masks["consistent"]
+  stages = {k: None if v is None else np.asarray(v, bool) for k, v in stages.items()}
+  stages["after CRF"] = np.asarray(refined, bool)
+  stages["labels"] = np.asarray(labels).astype(np.int32)
+  return viz.stage_panel(image, stages, ncols=3, tile_height=240)
 
 
 def run(*, weights=None, out=pathlib.Path("lightcluster_demo"), image_size: int = 224,

@@ -340,3 +340,20 @@ def test_pca_scatter_draws_each_label():
   assert sum(len(c.get_offsets()) for c in cols) == 200
   texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
   assert texts == [f"background ({(lab == 0).sum()})", f"foreground ({(lab == 1).sum()})"]
+
+
+def test_demo_panel_layout():
+  from lightcluster_jax import demo
+  img = _image(300, 400)
+  rng = np.random.RandomState(0)
+  masks = {k: rng.rand(21, 28) > 0.5 for k in ("image", "dataset", "consistent")}
+  refined = rng.rand(300, 400) > 0.5
+  labels = rng.randint(0, 3, (300, 400)).astype(np.uint8)
+  out = demo.panel(img, masks, refined, labels)
+  tw = round(400 * 240 / 300)
+  assert out.shape[1] == 3 * (tw + 4) + 4
+  rows = (out.shape[0] - 4) / 2
+  assert rows == int(rows) and rows > 240  # two rows of titled 240-pixel tiles
+  # Without the per-level masks: 4 tiles, still 3 per row.
+  out4 = demo.panel(img, {"consistent": masks["consistent"]}, refined, labels)
+  assert out4.shape == out.shape
