@@ -81,8 +81,9 @@ def unwrap(obj, *, checkpoint_key: str | None = None, source: str = "checkpoint"
       if all(k.startswith(pre) for k in arrays):
         arrays = {k[len(pre):]: v for k, v in arrays.items()}
         changed = True
-    # Mixed prefixes (e.g. "backbone.*" next to "head.*"): keep the backbone part.
-    for pre in ("module.", "backbone."):
+    # Mixed prefixes ("backbone.*" next to "head.*", "vit.*" next to "classifier.*"): keep
+    # the backbone part; the rest is recognised as ignorable or reported as unexpected.
+    for pre in ("module.", "backbone.", "vit.", "dinov2."):
       if any(k.startswith(pre) for k in arrays):
         arrays = {(k[len(pre):] if k.startswith(pre) else k): v for k, v in arrays.items()}
   if not arrays:

@@ -207,3 +207,34 @@ class VisionTransformer(nn.Module):
     d = cls.shape[-1]
     keys = store["qkv"][:, 1 + self.num_register_tokens:, d:2 * d]
     return keys, cls
+
+
+def randomize_(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
+  """Fills every parameter with non-trivial random values, in place (for parity tests).
+
+  Linear / conv weights ~ N(0, 1/fan_in) (qkv 1.5x, so attention is peaked, not uniform);
+  LayerNorm scales 1 + N(0, 0.1²), biases N(0, 0.1²), LayerScale gammas U(0.5, 1.5),
+  CLS / register / position embeddings N(0, 0.5²): every term of the forward pass matters.
+  """
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      r = torch.randn(p.shape, generator=g)
+      if name.endswith("gamma"):
+        p.copy_(0.5 + torch.rand(p.shape, generator=g))
+      elif "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.1 * r)
+      elif name.endswith("bias"):
+        p.copy_(0.1 * r)
+      elif name.endswith("weight"):
+        fan_in = p[0].numel()
+        p.copy_(r * (1.5 if ".qkv." in name else 1.0) / math.sqrt(fan_in))
+      else:  # cls_token, pos_embed, register_tokens, mask_token
+        p.copy_(0.5 * r)
+  return model
+
+
+def random_state_dict(config, seed: int = 0, **kwargs) -> dict:
+  """{official name: float32 NumPy array} of a randomised reference model for `config`."""
+  model = randomize_(VisionTransformer.from_config(config, **kwargs), seed)
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}

@@ -218,24 +218,23 @@ def _attend_full(q, k, v, key_valid, precision):
   return out.astype(v.dtype), probs
 
 
-def _attend_chunked(q, k, v, key_valid, precision, chunk: int):
-  """Same as `_attend_full` without probs, looping over query chunks.
+def _attend_chunked(q, k, v, key_valid, precision, chunk: int, unroll: bool = False):
+  """Same as `_attend_full` without probs, one chunk of queries at a time.
 
-  With thousands of tokens the [B, H, T, T] probabilities do not fit in cache; a sequential
-  loop over query chunks keeps each [B, H, chunk, T] slab hot between the two matmuls and the
-  softmax. Mathematically identical (each query row is independent).
+  With thousands of tokens the [B, H, T, T] probabilities do not fit in cache; going through
+  the queries in chunks keeps each [B, H, chunk, T] slab in cache between the two matmuls and
+  the softmax. Mathematically identical (query rows are independent).
   """
   b, tq, h, dh = q.shape
+  if unroll:
+    outs = [_attend_full(q[:, i:i + chunk], k, v, key_valid, precision)[0]
+            for i in range(0, tq, chunk)]
+    return jnp.concatenate(outs, axis=1)
   n = -(-tq // chunk)
   pad = n * chunk - tq
   qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qc = qp.reshape(b, n, chunk, h, dh).swapaxes(0, 1)
-
-  def one(qi):
-    out, _ = _attend_full(qi, k, v, key_valid, precision)
-    return out
-
-  out = jax.lax.map(one, qc)  # [n, B, chunk, H, dh]
+  out = jax.lax.map(lambda qi: _attend_full(qi, k, v, key_valid, precision)[0], qc)
   return out.swapaxes(0, 1).reshape(b, n * chunk, h, dh)[:, :tq]
 
 
@@ -248,33 +247,32 @@ def attention(q, k, v, key_valid=None, *, need_probs=False, impl="auto", precisi
     k, v: [B, T, H, dh].
     key_valid: optional [B, T] bool; False keys get zero probability.
     need_probs: also return the [B, H, Tq, T] float32 probabilities (forces "full").
-    impl: "full" (materialise), "chunked" (loop over query chunks), "dpa"
-      (`jax.nn.dot_product_attention`, cuDNN flash attention on GPU where it applies), or
-      "auto": full for short sequences or when probs are needed, else chunked on CPU and dpa
-      on accelerators.
+    impl: "full" (materialise [B, H, Tq, T]), "chunked" (`lax.map` over query chunks),
+      "unrolled" (the same chunks as separate ops), "dpa" (`jax.nn.dot_product_attention`:
+      cuDNN flash attention on GPU where it applies, XLA elsewhere), or "auto": full when
+      Tq * T <= 512**2 or probs are needed, else chunked on CPU and dpa on accelerators.
     precision: matmul precision.
-    chunk: query chunk length of the "chunked" implementation.
+    chunk: query chunk length of "chunked" / "unrolled".
 
   Returns:
     (out [B, Tq, H, dh] of v.dtype, probs or None).
   """
   tq, t = q.shape[1], k.shape[1]
-  if need_probs or impl == "full":
-    return _attend_full(q, k, v, key_valid, precision)
   if impl == "auto":
-    if tq * t <= 1024 * 1024:
+    if need_probs or tq * t <= 512 * 512:
       impl = "full"
     else:
       impl = "chunked" if jax.default_backend() == "cpu" else "dpa"
-  if impl == "full":
+  if need_probs or impl == "full":
     return _attend_full(q, k, v, key_valid, precision)
-  if impl == "chunked":
-    return _attend_chunked(q, k, v, key_valid, precision, chunk), None
+  if impl in ("chunked", "unrolled"):
+    out = _attend_chunked(q, k, v, key_valid, precision, chunk, unroll=impl == "unrolled")
+    return out, None
   if impl == "dpa":
     mask = None if key_valid is None else key_valid[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
-    return out, None
-  raise ValueError(f"unknown attention impl {impl!r}; expected auto, full, chunked or dpa")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0), None
+  raise ValueError(f"unknown attention impl {impl!r}; expected auto, full, chunked, unrolled "
+                   "or dpa")
 
 
 # ----------------------------------------------------------------------------------------------
