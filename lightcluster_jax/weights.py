@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import pathlib
@@ -344,7 +345,7 @@ def download(url: str, dest, sha256: str | None = None, progress: bool = True, *
   except BaseException as e:
     if part.exists():
       part.unlink()
-    if isinstance(e, OSError) and not isinstance(e, WeightsError):
+    if isinstance(e, (OSError, http.client.HTTPException)) and not isinstance(e, WeightsError):
       raise WeightsError(f"{url}: download failed: {e}") from e
     raise
   return dest
