@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -821,22 +821,27 @@ def _block_assign(x, w, centroids, *, cosine, chunk):
 
 
 def _host_blocks(points, mask, weights, block: int):
-  """Yields (x [block, D], w [block]) host blocks of an array; the last one zero-padded.
+  """Yields (x [b, D], w [b], dup) blocks of an [N, D] array without copying it.
 
-  On CPU a 64-byte-aligned C-contiguous NumPy block is used by jax without a copy.
+  Every block has `block` rows (one compiled shape) except when N < block. The last block is
+  the final `block` rows, overlapping its predecessor: its first `dup` rows were already
+  seen and get weight 0 (so no padded copy of the data is ever made). On CPU a 64-byte
+  aligned C-contiguous NumPy array is then used by jax in place.
   """
   n = points.shape[0]
+  block = min(block, n)
   for s in range(0, n, block):
-    x = points[s:s + block]
-    w = np.ones((x.shape[0],), np.float32) if weights is None else np.asarray(
-        weights[s:s + block], np.float32)
+    e = min(s + block, n)
+    start = e - block
+    x = points[start:e]
+    if weights is None:
+      w = np.ones((block,), np.float32)
+    else:
+      w = np.asarray(weights[start:e], np.float32).copy()
     if mask is not None:
-      w = np.where(np.asarray(mask[s:s + block], bool), w, 0.0).astype(np.float32)
-    if x.shape[0] < block:
-      pad = block - x.shape[0]
-      x = np.concatenate([np.asarray(x), np.zeros((pad,) + x.shape[1:], x.dtype)])
-      w = np.concatenate([w, np.zeros((pad,), np.float32)])
-    yield x, w
+      w = np.where(np.asarray(mask[start:e], bool), w, 0.0).astype(np.float32)
+    w[:s - start] = 0.0
+    yield x, w, s - start
 
 
 def assign(points, centroids, *, mask=None, chunk_size: Optional[int] = None,
@@ -851,7 +856,7 @@ def assign(points, centroids, *, mask=None, chunk_size: Optional[int] = None,
     mask: optional [N] bool; masked points get assignment -1 and distance 0.
     chunk_size: rows per in-graph block (None: all at once). Extra memory ~ chunk_size * k.
     cosine: L2-normalise the points first.
-    block_size: rows per host block for NumPy input.
+    block_size: rows per host block for NumPy input (the blocks are views, not copies).
 
   Returns:
     (assignment [N] int32, sq_dist [N] float32 squared distance to the assigned centroid).
@@ -870,10 +875,10 @@ def assign(points, centroids, *, mask=None, chunk_size: Optional[int] = None,
     raise ValueError(f"assign: `mask` has shape {np.shape(mask)}, expected ({n},)")
   if isinstance(points, np.ndarray) and n > block_size:
     labels, dists = [], []
-    for x, w in _host_blocks(points, mask, None, block_size):
+    for x, w, dup in _host_blocks(points, mask, None, block_size):
       a, d = _block_assign(x, w, c, cosine=cosine, chunk=chunk_size)
-      labels.append(a)
-      dists.append(d)
+      labels.append(a[dup:])
+      dists.append(d[dup:])
     return jnp.concatenate(labels)[:n], jnp.concatenate(dists)[:n]
   return _block_assign(points, _effective_weights(n, mask, None), c, cosine=cosine,
                        chunk=chunk_size)
@@ -928,7 +933,7 @@ def _stream_lloyd(make_blocks, centroids, *, epochs: int, tol_abs: float, cosine
     inertia = jnp.float32(0)
     changed = 0
     new = centroids
-    for b, (x, w) in enumerate(make_blocks()):
+    for b, (x, w, _) in enumerate(make_blocks()):
       p_lab = prev.get(b)
       if p_lab is None or p_lab.shape[0] != x.shape[0]:
         p_lab = jnp.full((x.shape[0],), -2, jnp.int32)
@@ -960,22 +965,19 @@ def _stream_lloyd(make_blocks, centroids, *, epochs: int, tol_abs: float, cosine
 
 
 def _array_blocks(points, mask, weights, block: int):
-  """A zero-argument callable streaming an [N, D] array as (x, w) blocks."""
+  """A zero-argument callable streaming an [N, D] array as (x, w, dup) blocks."""
   if isinstance(points, np.ndarray):
     return lambda: _host_blocks(points, mask, weights, block)
   n = points.shape[0]
   w_all = _effective_weights(n, mask, weights)
-  if n <= block:
-    return lambda: iter([(points, w_all)])
-  pad = -n % block
+  block = min(block, n)
 
   def gen():
     for s in range(0, n, block):
-      x, w = points[s:s + block], w_all[s:s + block]
-      if x.shape[0] < block:
-        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-        w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
-      yield x, w
+      e = min(s + block, n)
+      start = e - block
+      w = w_all[start:e]
+      yield points[start:e], jnp.where(jnp.arange(block) >= s - start, w, 0.0), s - start
   return gen
 
 
@@ -1034,9 +1036,9 @@ def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=No
     iterations = iterations + info["epochs"]
     converged = jnp.asarray(info["converged"])
   labels, inertia = [], jnp.float32(0)
-  for x, w in make_blocks():
+  for x, w, dup in make_blocks():
     a, d = _block_assign(x, w, centroids, cosine=cosine, chunk=chunk_size)
-    labels.append(a)
+    labels.append(a[dup:])
     inertia = inertia + jnp.sum(w * d)
   return KMeansResult(centroids, jnp.concatenate(labels)[:n], inertia,
                       jnp.asarray(iterations, jnp.int32), jnp.asarray(converged))
@@ -1144,7 +1146,7 @@ def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
     def make_blocks():
       for item in make_iter():
         x, w = _as_batch(item)
-        yield _pad_batch(x, w, _bucket(x.shape[0]))
+        yield _pad_batch(x, w, _bucket(x.shape[0])) + (0,)
 
   k_sample, k_fit = jax.random.split(key)
   sample = None

@@ -546,11 +546,13 @@ def _masked_mean(x, m):
 @functools.partial(jax.jit, static_argnames=(
     "k_image", "k_category", "k_dataset", "num_categories", "rule", "dilate",
     "min_region_patches", "dataset_fit_patches", "n_init_image", "n_init", "max_iter",
-    "connectivity", "fg_min_share", "fallback_share", "min_image_share", "has_attn"))
+    "connectivity", "fg_min_share", "fallback_share", "min_image_share", "has_attn",
+    "flip_image_level", "flip_share"))
 def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_category,
                 k_dataset, num_categories, rule, dilate, min_region_patches,
                 dataset_fit_patches, n_init_image, n_init, max_iter, connectivity,
-                fg_min_share, fallback_share, min_image_share, has_attn):
+                fg_min_share, fallback_share, min_image_share, has_attn, flip_image_level,
+                flip_share):
   b, p, d = keys.shape
   h, w = valid.shape[1:]
   x = _km._l2_normalize(keys.astype(jnp.float32))
@@ -597,6 +599,17 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
                                   min_share=fg_min_share, fallback_share=fallback_share)
   d_fg = dat_table[jnp.clip(dat_assign, 0, None)] & (dat_assign >= 0) & valid
 
+  # Optional: an image whose image-level mask looks flipped (the object touching most of the
+  # border, METHOD.md failure mode 1) takes the complement, when Dataset and Category agree on
+  # a foreground that lies almost entirely outside it.
+  flipped = jnp.zeros((b,), bool)
+  if flip_image_level:
+    dc = d_fg & c_fg
+    n_dc = jnp.sum(dc, axis=(1, 2))
+    inside = jnp.sum(dc & i_fg, axis=(1, 2))
+    flipped = (n_dc >= min_region_patches) & (inside <= (1.0 - flip_share) * n_dc)
+    i_fg = jnp.where(flipped[:, None, None], valid & ~i_fg, i_fg)
+
   # 4. Per image, a level that barely overlaps the image-level foreground is not trusted.
   d_ok = trusted_level(d_fg, i_fg, min_image_share=min_image_share)
   c_ok = trusted_level(c_fg, i_fg, min_image_share=min_image_share)
@@ -622,7 +635,8 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
 
   return dict(
       image=i_fg, category=c_fg, dataset=d_fg, consistent_raw=raw, consistent=final,
-      fallback=empty, dataset_trusted=d_ok, category_trusted=c_ok, groups=groups,
+      fallback=empty, image_flipped=flipped, dataset_trusted=d_ok, category_trusted=c_ok,
+      groups=groups,
       image_assignment=img["assignment"], image_centroids=img["centroids"],
       image_fg_clusters=img["fg_clusters"], border_fraction=img["border_fraction"],
       category_assignment=cat_assign, category_centroids=cat.centroids,
@@ -639,7 +653,8 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
                           n_init_image: int = 1, n_init: int = 1, max_iter: int = 100,
                           connectivity: int = 4, fg_min_share: float = 0.5,
                           fallback_share: float = 0.25,
-                          min_image_share: float = 0.2) -> dict:
+                          min_image_share: float = 0.2, flip_image_level: bool = False,
+                          flip_share: float = 0.8) -> dict:
   """Binary patch pseudo-masks from consistent Dataset / Category / Image-level clustering.
 
   The in-memory version of METHOD.md steps 2-6 for a batch that is the whole (small) dataset;
@@ -673,10 +688,18 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
     connectivity: 4 or 8 for the component cleanup.
     fg_min_share, fallback_share: see `foreground_clusters`.
     min_image_share: per-image trust threshold of the dataset / category masks.
+    flip_image_level: opt-in repair of METHOD.md's first failure mode (a close-up whose object
+      touches most of the border, so the border rule picks the background): if at least
+      `flip_share` of the patches where Dataset and Category agree on foreground lie outside
+      an image's image-level mask, that mask is replaced by its complement (within valid).
+      Off by default: it also fires when D and C are the ones that are wrong.
+    flip_share: threshold of `flip_image_level`.
 
   Returns:
-    dict with [B, h, w] bool masks "image", "category", "dataset", "consistent_raw" (before
+    dict with [B, h, w] bool masks "image" (after the optional flip), "category", "dataset",
+    "consistent_raw" (before
     cleanup), "consistent" (final); [B] bool "fallback" (used the image mask),
+    "image_flipped",
     "dataset_trusted", "category_trusted"; "groups" [B]; per level the assignments,
     centroids and foreground-cluster tables; "fg_centroid", "bg_centroid" [B, D]: mean
     normalised Key inside / outside the final mask (for `soft_foreground`).
@@ -702,4 +725,5 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
       n_init_image=int(n_init_image), n_init=int(n_init), max_iter=int(max_iter),
       connectivity=int(connectivity), fg_min_share=float(fg_min_share),
       fallback_share=float(fallback_share), min_image_share=float(min_image_share),
-      has_attn=cls_attn is not None)
+      has_attn=cls_attn is not None, flip_image_level=bool(flip_image_level),
+      flip_share=float(flip_share))

@@ -1,0 +1,295 @@
+"""k-means benchmark: lightcluster_jax vs scikit-learn / faiss-cpu, side by side in one run.
+
+(a) Image level: k=2 on 64 point sets of 3136 x 384 (ViT-S/8 Keys at 448 px), synthetic
+    L2-normalised keys (two groups of 6 sub-clusters each, plus noise). Ours: one
+    `batched_kmeans` call; reference: a loop of `sklearn.cluster.KMeans(algorithm="lloyd")`.
+    Same budget: k-means++, n_init=1, max_iter=100, tol=1e-4 (same stopping rule).
+(b) Dataset level: 2,000,000 x 384 (L2-normalised mixture of 50 Gaussians), k=2 and k=20.
+    Every method returns centroids and labels of all points, with the same budget of
+    `--epochs` (10) passes over the full data:
+      ours      `kmeans_on_sample`: k-means++ + Lloyd on a 65,536-point sample, then
+                `refine_iters=epochs` exact Lloyd passes over all points, then assignment;
+      faiss     `faiss.Kmeans(niter=epochs)` trained on all points, then `index.search`;
+      minibatch `sklearn.cluster.MiniBatchKMeans(max_iter=epochs, batch_size=4096,
+                n_init=1, max_no_improvement=None, tol=0)` (its fit ends with the labels).
+    Each method runs in its own subprocess (clean peak-RSS numbers); the inertia of every
+    method is recomputed on all points with the same NumPy evaluator.
+
+Timings are medians over `--repeats` runs after a warm-up (our compile time is reported
+separately). The last line printed is one JSON object.
+
+Usage:
+  python benchmarks/kmeans.py                    # full run (~10 min on 2 CPU cores)
+  python benchmarks/kmeans.py --quick            # small sizes, a smoke test (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _median(xs):
+  return float(np.median(np.asarray(xs)))
+
+
+def _peak_rss_gb() -> float:
+  """Peak resident set of this process (VmHWM; unlike ru_maxrss it restarts at exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1e6                       # kB -> GB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def image_keys(b: int, n: int, d: int, seed: int = 0) -> np.ndarray:
+  """[b, n, d] synthetic unit-norm 'Keys': fg / bg groups of 6 sub-clusters each + noise."""
+  rng = np.random.default_rng(seed)
+  out = np.empty((b, n, d), np.float32)
+  for i in range(b):
+    sup = rng.normal(size=(2, d)).astype(np.float32)
+    parts = rng.normal(size=(2, 6, d)).astype(np.float32)
+    c = (rng.random(n) < rng.uniform(0.15, 0.6)).astype(int)
+    j = rng.integers(0, 6, n)
+    x = 0.6 * sup[c] + 0.6 * parts[c, j] + rng.standard_normal((n, d), dtype=np.float32)
+    out[i] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  return out
+
+
+def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
+  """An uninitialised array whose data pointer is `align`-byte aligned (jax CPU zero-copy)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = np.empty(nbytes + align, np.uint8)
+  off = (-buf.ctypes.data) % align
+  return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def write_dataset(path: str, n: int, d: int, seed: int = 0, block: int = 1 << 18):
+  """Mixture of 50 Gaussians, L2-normalised rows, raw float32 to `path` (streamed)."""
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(50, d)).astype(np.float32)
+  with open(path, "wb") as f:
+    for s in range(0, n, block):
+      m = min(block, n - s)
+      x = centers[rng.integers(0, 50, m)] + 1.5 * rng.standard_normal((m, d), dtype=np.float32)
+      x /= np.linalg.norm(x, axis=1, keepdims=True)
+      f.write(x.tobytes())
+
+
+def read_dataset(path: str, n: int, d: int) -> np.ndarray:
+  x = aligned_empty((n, d))
+  with open(path, "rb") as f:
+    view = memoryview(x.reshape(-1).view(np.uint8))
+    got = f.readinto(view)
+  assert got == x.nbytes, (got, x.nbytes)
+  return x
+
+
+def exact_inertia(x: np.ndarray, c: np.ndarray, block: int = 1 << 16) -> float:
+  """Sum over all points of the squared distance to the nearest centroid (float64 sum)."""
+  c = np.asarray(c, np.float32)
+  c_sq = (c.astype(np.float64) ** 2).sum(1)
+  total = 0.0
+  for s in range(0, x.shape[0], block):
+    xb = x[s:s + block]
+    d = (xb.astype(np.float64) ** 2).sum(1)[:, None] - 2.0 * (xb @ c.T).astype(np.float64) + c_sq
+    total += float(np.maximum(d.min(1), 0).sum())
+  return total
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) image level
+
+
+def bench_image_level(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from sklearn.cluster import KMeans
+  from lightcluster_jax import kmeans as km
+
+  b, n, d = args.img_sets, args.img_points, 384
+  x = image_keys(b, n, d)
+  xj = jnp.asarray(x)
+  base = jax.random.key(0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
+  run = lambda: km.batched_kmeans(xj, 2, keys=keys, max_iter=100, tol=1e-4)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    res = jax.block_until_ready(run())
+    times.append(time.perf_counter() - t0)
+  ours_t = _median(times)
+  ours_inertia = float(np.sum(np.asarray(res.inertia, np.float64)))
+
+  sk_times, sk_inertia, sk_iters = [], 0.0, []
+  for r in range(args.repeats):
+    t0 = time.perf_counter()
+    inertia, iters = 0.0, []
+    for i in range(b):
+      m = KMeans(2, init="k-means++", n_init=1, max_iter=100, tol=1e-4, algorithm="lloyd",
+                 random_state=i).fit(x[i])
+      inertia += m.inertia_
+      iters.append(m.n_iter_)
+    sk_times.append(time.perf_counter() - t0)
+    sk_inertia, sk_iters = inertia, iters
+  sk_t = _median(sk_times)
+  return dict(
+      sets=b, points=n, dim=d, k=2,
+      ours_s=ours_t, sklearn_s=sk_t, ours_compile_s=compile_s,
+      speedup_vs_sklearn=sk_t / ours_t,
+      ours_inertia=ours_inertia, sklearn_inertia=sk_inertia,
+      inertia_rel_diff=ours_inertia / sk_inertia - 1.0,
+      ours_mean_iterations=float(np.mean(np.asarray(res.iterations))),
+      sklearn_mean_iterations=float(np.mean(sk_iters)))
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) dataset level: one method per subprocess
+
+
+def worker(args) -> dict:
+  x = read_dataset(args.data, args.n, args.dim)
+  data_gb = x.nbytes / 1e9
+  k, epochs = args.k, args.epochs
+  times, iters = [], None
+  if args.method == "ours":
+    import jax
+    from lightcluster_jax import kmeans as km
+
+    def run(xx):
+      return km.kmeans_on_sample(xx, k, key=jax.random.key(0), sample_size=args.sample,
+                                 refine_iters=epochs, chunk_size=4096, block_size=1 << 18)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(x[:min(args.n, 2 << 18)]))        # compile every shape once
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      res = jax.block_until_ready(run(x))
+      times.append(time.perf_counter() - t0)
+    centroids, iters = np.asarray(res.centroids), int(res.iterations)
+    extra = dict(compile_s=compile_s)
+  elif args.method == "faiss":
+    import faiss
+    for r in range(args.repeats):
+      t0 = time.perf_counter()
+      kmf = faiss.Kmeans(args.dim, k, niter=epochs, seed=1 + r, verbose=False,
+                         max_points_per_centroid=args.n // k + 1)
+      kmf.train(x)
+      _, labels = kmf.index.search(x, 1)
+      times.append(time.perf_counter() - t0)
+    centroids, iters = kmf.centroids, epochs
+    extra = dict(threads=faiss.omp_get_max_threads())
+  elif args.method == "minibatch":
+    from sklearn.cluster import MiniBatchKMeans
+    for r in range(args.repeats):
+      t0 = time.perf_counter()
+      mb = MiniBatchKMeans(k, batch_size=4096, max_iter=epochs, n_init=1, tol=0.0,
+                           max_no_improvement=None, random_state=r).fit(x)
+      times.append(time.perf_counter() - t0)
+    centroids, iters = mb.cluster_centers_, int(mb.n_steps_)
+    extra = dict(batch_size=4096, steps=int(mb.n_steps_))
+  else:
+    raise ValueError(args.method)
+  peak = _peak_rss_gb()
+  return dict(method=args.method, k=k, time_s=_median(times), times_s=times,
+              peak_rss_gb=peak, data_gb=data_gb, iterations=iters,
+              inertia=exact_inertia(x, centroids), **extra)
+
+
+def bench_dataset_level(args) -> dict:
+  out = {}
+  with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    path = os.path.join(tmp, "x.f32")
+    t0 = time.perf_counter()
+    write_dataset(path, args.n, args.dim)
+    out["data_gen_s"] = time.perf_counter() - t0
+    for k in args.ks:
+      row = {}
+      for method in ("ours", "faiss", "minibatch"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method,
+               "--k", str(k), "--data", path, "--n", str(args.n), "--dim", str(args.dim),
+               "--epochs", str(args.epochs), "--repeats", str(args.repeats),
+               "--sample", str(args.sample)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+          raise RuntimeError(f"{method} k={k} failed:\n{proc.stderr[-3000:]}")
+        row[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[dataset k={k}] {method}: {row[method]['time_s']:.2f} s, inertia "
+              f"{row[method]['inertia']:.1f}, peak RSS {row[method]['peak_rss_gb']:.2f} GB",
+              file=sys.stderr)
+      o, f, m = row["ours"], row["faiss"], row["minibatch"]
+      row["speedup_vs_faiss"] = f["time_s"] / o["time_s"]
+      row["speedup_vs_minibatch"] = m["time_s"] / o["time_s"]
+      row["inertia_rel_diff_vs_sklearn"] = o["inertia"] / m["inertia"] - 1.0
+      row["inertia_rel_diff_vs_faiss"] = o["inertia"] / f["inertia"] - 1.0
+      out[f"k{k}"] = row
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+  p.add_argument("--skip-image", action="store_true")
+  p.add_argument("--skip-dataset", action="store_true")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--epochs", type=int, default=10)
+  p.add_argument("--sample", type=int, default=65_536)
+  p.add_argument("--tmp", default=None, help="folder for the temporary data file")
+  # worker mode
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--method", help=argparse.SUPPRESS)
+  p.add_argument("--k", type=int, help=argparse.SUPPRESS)
+  p.add_argument("--data", help=argparse.SUPPRESS)
+  p.add_argument("--n", type=int, default=2_000_000, help=argparse.SUPPRESS)
+  p.add_argument("--dim", type=int, default=384, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(args)))
+    return
+  args.img_sets, args.img_points = (64, 3136) if not args.quick else (8, 3136)
+  if args.quick:
+    args.n, args.sample, args.repeats = 200_000, 16_384, min(args.repeats, 2)
+  args.ks = (2, 20)
+  result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0]))
+  try:
+    import jax, sklearn
+    result["machine"].update(jax=jax.__version__, sklearn=sklearn.__version__)
+    import faiss
+    result["machine"]["faiss"] = faiss.__version__
+  except ImportError as e:
+    print(f"note: {e}", file=sys.stderr)
+  if not args.skip_image:
+    result["image_level"] = bench_image_level(args)
+    print(f"[image] {json.dumps(result['image_level'])}", file=sys.stderr)
+  if not args.skip_dataset:
+    ds = bench_dataset_level(args)
+    # Headline numbers: the harder k=20 case, with k=2 alongside.
+    result["dataset_level"] = dict(
+        n=args.n, dim=args.dim, epochs=args.epochs, sample=args.sample,
+        speedup_vs_faiss=min(ds[f"k{k}"]["speedup_vs_faiss"] for k in args.ks),
+        speedup_vs_minibatch=min(ds[f"k{k}"]["speedup_vs_minibatch"] for k in args.ks),
+        inertia_rel_diff_vs_sklearn=max(ds[f"k{k}"]["inertia_rel_diff_vs_sklearn"]
+                                        for k in args.ks),
+        **ds)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
