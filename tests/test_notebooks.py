@@ -6,8 +6,9 @@ package and the shared test assets (`LIGHTCLUSTER_ASSETS`, default ../shared/ass
 images with GT, DINOv2-S/14 weights), so nothing is downloaded. A notebook whose inputs are
 absent is skipped with the reason. The kernel is `python3`, i.e. this interpreter (jupyter_client
 replaces a kernelspec's "python" by sys.executable). Outputs go to a temporary folder
-(`LIGHTCLUSTER_NOTEBOOK_OUT`); the compiled XLA programs are shared between the notebooks
-through a persistent JAX compilation cache in that session's temporary folder.
+(`LIGHTCLUSTER_NOTEBOOK_OUT`). Compiled XLA programs are kept in a persistent JAX
+compilation cache in pytest's cache folder (.pytest_cache/d/lightcluster_jax_xla), shared by
+the notebooks and by later runs (the dense CRF alone compiles for ~50 s on 2 busy cores).
 
 Notebooks are committed without outputs; after editing one in Jupyter, strip it with
   python tests/test_notebooks.py --strip
@@ -101,8 +102,8 @@ def test_notebook_installs_on_colab_and_reads_smoke_flag(name):
 
 
 @pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
+def jax_cache(pytestconfig):
+  return pytestconfig.cache.mkdir("lightcluster_jax_xla")
 
 
 def _execute(name, tmp_path, env, *, timeout=600):
@@ -158,7 +159,7 @@ def test_quickstart_runs(tmp_path, jax_cache, assets, dinov2_s14_npz):
   text = _text(nb)
   assert "the same masks as the pipeline's masks stage: True" in text
   assert (tmp_path / "panel.png").is_file()
-  assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == 4
+  assert len(list((tmp_path / "out").glob("max_side_*/masks/*.png"))) == 4
   assert _images(nb) >= 6
 
 
