@@ -40,16 +40,17 @@ def _split_overrides(argv):
   return rest, overrides
 
 
-def _load_weights(path, arch_hint=None):
-  from lightcluster_jax import pipeline, weights
+def _load_weights(path):
+  """(arch name or ViTConfig, params, file sha256); the architecture comes from the file."""
+  from lightcluster_jax import weights
   path = pathlib.Path(path)
   if not path.is_file():
     raise CLIError(f"weights file not found: {path}")
   try:
-    arch, params = weights.load_any(path, arch=arch_hint)
+    arch, params = weights.load_any(path)
   except Exception as e:
     raise CLIError(f"could not load weights {path}: {e}") from e
-  return arch, params, pipeline._sha256_file(path)
+  return arch, params, weights.file_sha256(path)
 
 
 def _list_inputs(images: pathlib.Path, split: str | None):
@@ -96,10 +97,11 @@ def _segment(argv) -> int:
   except config_lib.ConfigError as e:
     raise CLIError(str(e)) from e
   paths = _list_inputs(args.images, args.split)[:args.limit]
-  arch, params, sha = _load_weights(args.weights, config.arch)
-  if arch != config.arch:
-    warnings.warn(f"weights are {arch}; config.arch={config.arch} is overridden by them")
-    config.arch = arch
+  arch, params, sha = _load_weights(args.weights)
+  arch_name = arch if isinstance(arch, str) else arch.name
+  if arch_name != config.arch:
+    warnings.warn(f"the weights are {arch_name}; config.arch={config.arch!r} is replaced by it")
+    config.arch = arch_name
   items = pipeline.items_from_paths(paths)
   result = pipeline.segment(config, items, params=params, arch=arch, out_dir=args.out,
                             weights_id=sha, progress=not args.no_progress)

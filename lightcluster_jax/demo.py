@@ -66,7 +66,7 @@ def run(*, weights=None, out=pathlib.Path("lightcluster_demo"), image_size: int 
   paths = data.sample_images()
   arch, params, sha = _weights(weights)
   config = demo_config(image_size, len(paths))
-  config.arch = arch
+  config.arch = arch if isinstance(arch, str) else arch.name
   items = pipeline.items_from_paths(paths)
   result = pipeline.segment(config, items, params=params, arch=arch, out_dir=out,
                             weights_id=sha, progress=progress)

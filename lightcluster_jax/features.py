@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterable, Iterator, Sequence
 
@@ -114,6 +115,7 @@ def _l2_normalise(x, axis=-1, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+@functools.lru_cache(maxsize=16)
 def make_feature_fn(arch, *, dtype=jnp.float32):
   """Jitted `(params, pixels [B,H,W,3], mask [B,h,w]) -> dict` of method features.
 

@@ -18,6 +18,7 @@ half-written artefact behind. `segment_arrays` runs the same stages in memory fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -216,19 +217,23 @@ def run_masks(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, cfg, seed:
   feats = [feat_stage.load(i) for i in _bar(ids, total=len(ids), desc="masks: load",
                                             enabled=progress)]
   keys, valid, cls, attn = pad_grids(feats)
+  keys_j, valid_j = jnp.asarray(keys), jnp.asarray(valid)
   out = masks_lib.multilevel_foreground(
-      jnp.asarray(keys), jnp.asarray(valid), jnp.asarray(cls), jnp.asarray(attn),
+      keys_j, valid_j, jnp.asarray(cls), jnp.asarray(attn),
       key=jax.random.PRNGKey(seed), k_image=cfg.k_image, k_category=cfg.k_category,
       k_dataset=cfg.k_dataset, num_categories=min(cfg.num_categories, len(ids)),
       rule=cfg.rule, dilate=cfg.dilate, min_region_patches=cfg.min_region_patches,
-      dataset_fit_patches=cfg.dataset_fit_patches, n_init=cfg.n_init)
-  prob = decided_probability(out["consistent"], out["soft"])
+      dataset_fit_patches=cfg.dataset_fit_patches, n_init=cfg.n_init,
+      n_init_image=cfg.n_init)
+  soft = masks_lib.soft_foreground(keys_j, out["fg_centroid"], out["bg_centroid"], valid_j,
+                                   temperature=temperature)
+  prob = decided_probability(out["consistent"], soft)
   out = jax.device_get(dict(out, prob=prob))
   for i, item_id in enumerate(ids):
     h, w = (int(v) for v in feats[i]["grid_hw"])
     stage.save(item_id, {
         **{lvl: out[lvl][i, :h, :w] for lvl in ("image", "category", "dataset", "consistent")},
-        "prob": out["prob"][i, :h, :w], "group": out["group"][i],
+        "prob": out["prob"][i, :h, :w], "group": out["groups"][i],
         "orig_hw": feats[i]["orig_hw"]})
 
 
@@ -240,6 +245,7 @@ def _pixel_bucket(hw, multiple):
   return tuple(_round_up(n, multiple) for n in hw)
 
 
+@functools.lru_cache(maxsize=16)
 def make_refine_fn(crf_params, backend, enabled: bool):
   """Jitted `(prob [B,h,w], grid_hw [B,2], image [B,H,W,3] uint8, orig_hw [B,2]) -> fg prob`.
 
@@ -255,8 +261,9 @@ def make_refine_fn(crf_params, backend, enabled: bool):
       return p
     probs = jnp.stack([1.0 - p, p], axis=-1)
     unary = crf_lib.unary_from_probs(probs)
+    kw = {} if backend is None else {"backend": backend}
     q = crf_lib.dense_crf(unary, image.astype(jnp.float32), params=crf_params,
-                          valid_hw=(orig_hw[0], orig_hw[1]), backend=backend)
+                          valid_hw=(orig_hw[0], orig_hw[1]), **kw)
     return q[..., 1]
   return jax.jit(jax.vmap(one))
 
@@ -309,6 +316,7 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
   bar.close()
 
 
+@functools.lru_cache(maxsize=16)
 def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, box_margin,
                     crop_size, dtype=jnp.float32):
   """Jitted `(params, fg [B,H,W], image [B,H,W,3] uint8, orig_hw [B,2])` ->
@@ -399,15 +407,6 @@ def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int):
 
 
 # ----------------------------------------------------------------------------- runner
-
-
-def _sha256_file(path) -> str:
-  import hashlib
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence[str]) -> dict:
