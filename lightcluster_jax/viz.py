@@ -412,8 +412,8 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
-def _as_rgb(x, where: str) -> tuple[np.ndarray, int]:
-  """A tile as [H, W, 3] uint8 and the PIL filter to enlarge it with.
+def _as_rgb(x, where: str) -> np.ndarray:
+  """A tile as [H, W, 3] uint8.
 
   uint8 [H, W, 3] as is; float [H, W, 3] read as [0, 1]; bool [H, W] white on black;
   float [H, W] viridis in [0, 1]; integer [H, W] VOC colours.
@@ -421,26 +421,26 @@ def _as_rgb(x, where: str) -> tuple[np.ndarray, int]:
   a = np.asarray(x)
   if a.ndim == 3 and a.shape[-1] == 3:
     if a.dtype == np.uint8:
-      return a, Image.NEAREST
-    return np.round(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8), Image.NEAREST
+      return a
+    return np.round(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8)
   if a.ndim == 2:
     if a.dtype == bool:
-      return np.repeat((a.astype(np.uint8) * 255)[..., None], 3, -1), Image.NEAREST
+      return np.repeat((a.astype(np.uint8) * 255)[..., None], 3, -1)
     if np.issubdtype(a.dtype, np.floating):
-      return heatmap_rgb(a), Image.NEAREST
+      return heatmap_rgb(a)
     if np.issubdtype(a.dtype, np.integer):
-      return colorize(a), Image.NEAREST
+      return colorize(a)
   raise ValueError(f"{where}: cannot draw an array of shape {a.shape} and dtype {a.dtype} "
                    "(expected [H, W, 3] RGB, or [H, W] bool / float / int)")
 
 
-def _fit(tile: np.ndarray, hw: tuple[int, int], enlarge) -> np.ndarray:
-  """Resizes to `hw`: patch grids and masks stay blocky, photos shrink antialiased."""
+def _fit(tile: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Resizes to `hw`: enlarged by nearest neighbour (patch grids stay blocky), shrunk by
+  area averaging (photos stay smooth)."""
   if tile.shape[:2] == tuple(hw):
     return tile
   if tile.shape[0] <= hw[0] and tile.shape[1] <= hw[1]:
-    return upsample_nearest(tile, hw) if enlarge == Image.NEAREST else np.asarray(
-        Image.fromarray(tile).resize((hw[1], hw[0]), enlarge))
+    return upsample_nearest(tile, hw)
   return np.asarray(Image.fromarray(tile).resize((hw[1], hw[0]), Image.BOX))
 
 
@@ -490,11 +490,11 @@ def mask_grid(tiles: Sequence[np.ndarray], titles: Sequence[str] | None = None, 
   if ncols < 1:
     raise ValueError(f"mask_grid: ncols must be >= 1, got {ncols}")
   rgb = [_as_rgb(t, f"mask_grid tile {i}") for i, t in enumerate(tiles)]
-  th, tw = (int(v) for v in (tile_hw if tile_hw is not None else rgb[0][0].shape[:2]))
+  th, tw = (int(v) for v in (tile_hw if tile_hw is not None else rgb[0].shape[:2]))
   any_title = titles is not None and any(titles)
   cells = []
-  for i, (tile, enlarge) in enumerate(rgb):
-    cell = _fit(tile, (th, tw), enlarge)
+  for i, tile in enumerate(rgb):
+    cell = _fit(tile, (th, tw))
     if any_title:  # every cell gets a bar so the rows stay aligned
       cell = titled(cell, (titles[i] or " "), font_size=font_size, background=background)
     cells.append(cell)
@@ -524,11 +524,11 @@ def side_by_side(tiles: Sequence[np.ndarray], titles: Sequence[str] | None = Non
   if len(tiles) == 0:
     raise ValueError("side_by_side: no tiles")
   rgb = [_as_rgb(t, f"side_by_side tile {i}") for i, t in enumerate(tiles)]
-  height = int(height or rgb[0][0].shape[0])
+  height = int(height or rgb[0].shape[0])
   cols = [mask_grid([t], None if titles is None else [titles[i]], 1,
                     tile_hw=(height, max(1, round(t.shape[1] * height / t.shape[0]))),
                     pad=0, background=background)
-          for i, (t, _) in enumerate(rgb)]
+          for i, t in enumerate(rgb)]
   h = max(c.shape[0] for c in cols)
   gap = np.full((h, pad, 3), background, np.uint8)
   parts = [gap]
@@ -576,15 +576,14 @@ def stage_panel(image: np.ndarray, stages: Mapping[str, np.ndarray | None], *,
     if a.ndim == 2 and a.dtype == bool:
       tile = mask_overlay(image, a)
     elif a.ndim == 2 and np.issubdtype(a.dtype, np.floating):
-      tile = heatmap_rgb(upsample_nearest(a, (hh, ww)) if a.shape != (hh, ww) else a)
+      tile = heatmap_rgb(a)  # a patch grid is enlarged blocky by mask_grid
     elif a.ndim == 2 and np.issubdtype(a.dtype, np.integer):
       if a.shape != (hh, ww):
         raise ValueError(f"stage_panel: label map {name!r} has shape {a.shape}, the image "
                          f"{(hh, ww)}; colour patch-level cluster ids with cluster_colours")
       tile = overlay(image, a)
     else:
-      tile, _ = _as_rgb(a, f"stage_panel stage {name!r}")
-      tile = _fit(tile, (hh, ww), Image.NEAREST)
+      tile = _as_rgb(a, f"stage_panel stage {name!r}")
     tiles.append(tile)
     titles.append(name)
   if not tiles:
