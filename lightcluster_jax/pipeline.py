@@ -75,8 +75,15 @@ class Stage:
   def _path(self, item_id: str) -> pathlib.Path:
     return self.dir / f"{item_id}.npz"
 
-  def has(self, item_id: str) -> bool:
-    return item_id in self._mem if self.dir is None else self._path(item_id).is_file()
+  def has(self, item_id: str, fingerprint: str | None = None) -> bool:
+    """Whether `item_id` is stored (and, if given, stored for this input fingerprint)."""
+    present = item_id in self._mem if self.dir is None else self._path(item_id).is_file()
+    if not present or not fingerprint:
+      return present
+    if self.dir is None:
+      return str(self._mem[item_id].get("fingerprint", "")) == fingerprint
+    with np.load(self._path(item_id)) as f:
+      return "fingerprint" in f.files and str(f["fingerprint"]) == fingerprint
 
   def save(self, item_id: str, arrays: dict) -> None:
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -104,9 +111,14 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One input image: an id (file stem) and how to get its pixels."""
+  """One input image: an id (file stem), how to get its pixels, and a content fingerprint.
+
+  The fingerprint (file size + mtime, or a hash of an in-memory array) is stored with the
+  cached features, so a changed image under an old id is recomputed, never reused.
+  """
   id: str
   load: Callable[[], np.ndarray]
+  fingerprint: str = ""
 
 
 def items_from_paths(paths: Sequence[os.PathLike]) -> list[Item]:
@@ -117,12 +129,20 @@ def items_from_paths(paths: Sequence[os.PathLike]) -> list[Item]:
     if p.stem in seen:
       raise ValueError(f"two images share the id {p.stem!r}: {seen[p.stem]} and {p}")
     seen[p.stem] = p
-  return [Item(stem, (lambda p=p: images_lib.load_image(p))) for stem, p in seen.items()]
+  def fingerprint(p):
+    st = p.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+  return [Item(stem, (lambda p=p: images_lib.load_image(p)), fingerprint(p))
+          for stem, p in seen.items()]
 
 
 def items_from_arrays(images: Sequence[np.ndarray], ids: Sequence[str] | None = None):
+  """Items of in-memory [H, W, 3] uint8 arrays (ids default to 00000, 00001, ...)."""
+  import hashlib
   ids = list(ids) if ids is not None else [f"{i:05d}" for i in range(len(images))]
-  return [Item(i, (lambda a=a: np.asarray(a))) for i, a in zip(ids, images)]
+  return [Item(i, (lambda a=a: np.asarray(a)),
+               hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:16])
+          for i, a in zip(ids, images)]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -146,9 +166,10 @@ def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, prog
   config = vit.get_config(arch)
   image_size = cfg.image_size or None
   fn = features_lib.make_feature_fn(config, dtype=_dtype(cfg.dtype))
-  todo = [it for it in items if not stage.has(it.id)]
+  todo = [it for it in items if not stage.has(it.id, it.fingerprint)]
   done = {it.id for it in items} - {it.id for it in todo}
   skipped = {} if skipped is None else skipped
+  fingerprints = {it.id: it.fingerprint for it in items}
 
   def preprocessed():
     for it in todo:
@@ -169,7 +190,7 @@ def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, prog
     out = jax.device_get(fn(params, pixels, mask))
     for b, (item_id, pre) in enumerate(group):
       feats = features_lib.unpad_features(out, b, pre.grid_hw, shape, pre.orig_hw)
-      stage.save(item_id, feats)
+      stage.save(item_id, dict(feats, fingerprint=fingerprints[item_id]))
       done.add(item_id)
     bar.update(len(group))
   bar.close()
@@ -409,11 +430,16 @@ def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int):
 # ----------------------------------------------------------------------------- runner
 
 
-def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence[str]) -> dict:
-  """Cache keys of every stage: each covers its own config and everything upstream."""
+def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence[str],
+               fingerprints: Sequence[str] = ()) -> dict:
+  """Cache keys of every stage: each covers its own config and everything upstream.
+
+  The dataset-level stages (masks onwards) also cover the set of images and their content
+  fingerprints, so adding, removing or changing an image recomputes them.
+  """
   feat = config_hash("features", weights_id, config.arch, config.features)
   masks = config_hash("masks", feat, config.clustering, config.upsample, config.seed,
-                      sorted(ids))
+                      sorted(ids), fingerprints)
   refine = config_hash("refine", masks, config.crf)
   regions = config_hash("regions", refine, {k: v for k, v in config.assign.items()
                                             if k not in ("num_classes", "n_init")})
@@ -436,7 +462,8 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
   ids = [it.id for it in items]
   if len(set(ids)) != len(ids):
     raise ValueError("image ids must be unique")
-  keys = stage_keys(config, weights_id, ids)
+  fp = {it.id: it.fingerprint for it in items}
+  keys = stage_keys(config, weights_id, ids, [fp[i] for i in sorted(ids)])
   meta = {"config": config.to_dict(), "weights": weights_id}
 
   t = time.perf_counter()
@@ -448,7 +475,7 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
     raise ValueError("no readable images to segment" +
                      (f" (skipped: {', '.join(skipped)})" if skipped else ""))
   if set(ok_ids) != set(ids):  # the set changed: dataset-level stages are keyed by it
-    keys = stage_keys(config, weights_id, ok_ids)
+    keys = stage_keys(config, weights_id, ok_ids, [fp[i] for i in sorted(ok_ids)])
   ok_items = [it for it in items if it.id in set(ok_ids)]
 
   t = time.perf_counter()

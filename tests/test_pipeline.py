@@ -203,3 +203,12 @@ def test_cli_errors_name_the_culprit(images, tiny_weights, tmp_path, capsys):
   (tmp_path / "gt").mkdir()
   assert cli_main(["evaluate", "--pred", str(pred), "--gt", str(tmp_path / "gt")]) == 2
   assert "lonely" in capsys.readouterr().err
+
+
+def test_changed_image_under_the_same_id_is_recomputed(images, params, tmp_path):
+  config = tiny_config()
+  first = _run(config, images[:2], params, out_dir=tmp_path, ids=["a", "b"])
+  changed = [images[0], images[2]]  # "b" now holds another image of another size
+  second = _run(config, changed, params, out_dir=tmp_path, ids=["a", "b"])
+  assert second["labels"]["b"].shape == images[2].shape[:2]
+  assert first["stage_keys"]["masks"] != second["stage_keys"]["masks"]
