@@ -16,11 +16,16 @@
     method is recomputed on all points with the same NumPy evaluator.
 
 Timings are medians over `--repeats` runs after a warm-up (our compile time is reported
-separately). The last line printed is one JSON object.
+separately). Every part runs in its own subprocess with the same thread budget
+(`--threads`, default 1: OMP/BLAS threads for scikit-learn and faiss, XLA's Eigen pool off for
+ours). On a machine shared with other jobs, OpenMP spin-waiting made the multi-threaded
+baselines 5-10x slower than single-threaded ones, so the default compares one thread each;
+`--threads 0` keeps every library's default threading. The last line printed is one JSON
+object.
 
 Usage:
-  python benchmarks/kmeans.py                    # full run (~10 min on 2 CPU cores)
-  python benchmarks/kmeans.py --quick            # small sizes, a smoke test (~1 min)
+  python benchmarks/kmeans.py                    # full run (~15 min on this 2-core machine)
+  python benchmarks/kmeans.py --quick            # small sizes, a smoke test (~3 min)
 """
 
 from __future__ import annotations
@@ -115,6 +120,26 @@ def exact_inertia(x: np.ndarray, c: np.ndarray, block: int = 1 << 16) -> float:
 # (a) image level
 
 
+def _thread_env(threads: int) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if threads > 0:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+      env[var] = str(threads)
+    if threads == 1:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+  return env
+
+
+def _run_worker(args, extra: list) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--repeats", str(args.repeats),
+         "--threads", str(args.threads)] + extra
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
+  if proc.returncode != 0:
+    raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_image_level(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -165,6 +190,8 @@ def bench_image_level(args) -> dict:
 
 
 def worker(args) -> dict:
+  if args.method == "image":
+    return bench_image_level(args)
   x = read_dataset(args.data, args.n, args.dim)
   data_gb = x.nbytes / 1e9
   k, epochs = args.k, args.epochs
@@ -187,6 +214,8 @@ def worker(args) -> dict:
     extra = dict(compile_s=compile_s)
   elif args.method == "faiss":
     import faiss
+    if args.threads > 0:
+      faiss.omp_set_num_threads(args.threads)
     for r in range(args.repeats):
       t0 = time.perf_counter()
       kmf = faiss.Kmeans(args.dim, k, niter=epochs, seed=1 + r, verbose=False,
@@ -223,14 +252,9 @@ def bench_dataset_level(args) -> dict:
     for k in args.ks:
       row = {}
       for method in ("ours", "faiss", "minibatch"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method,
-               "--k", str(k), "--data", path, "--n", str(args.n), "--dim", str(args.dim),
-               "--epochs", str(args.epochs), "--repeats", str(args.repeats),
-               "--sample", str(args.sample)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-          raise RuntimeError(f"{method} k={k} failed:\n{proc.stderr[-3000:]}")
-        row[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        row[method] = _run_worker(args, [
+            "--method", method, "--k", str(k), "--data", path, "--n", str(args.n),
+            "--dim", str(args.dim), "--epochs", str(args.epochs), "--sample", str(args.sample)])
         print(f"[dataset k={k}] {method}: {row[method]['time_s']:.2f} s, inertia "
               f"{row[method]['inertia']:.1f}, peak RSS {row[method]['peak_rss_gb']:.2f} GB",
               file=sys.stderr)
@@ -252,6 +276,8 @@ def main(argv=None):
   p.add_argument("--epochs", type=int, default=10)
   p.add_argument("--sample", type=int, default=65_536)
   p.add_argument("--tmp", default=None, help="folder for the temporary data file")
+  p.add_argument("--threads", type=int, default=1,
+                 help="threads per method (0 = each library's default)")
   # worker mode
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--method", help=argparse.SUPPRESS)
@@ -260,14 +286,16 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=2_000_000, help=argparse.SUPPRESS)
   p.add_argument("--dim", type=int, default=384, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  args.img_sets, args.img_points = (64, 3136) if not args.quick else (8, 3136)
   if args.worker:
     print(json.dumps(worker(args)))
     return
-  args.img_sets, args.img_points = (64, 3136) if not args.quick else (8, 3136)
   if args.quick:
     args.n, args.sample, args.repeats = 200_000, 16_384, min(args.repeats, 2)
   args.ks = (2, 20)
-  result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0]))
+  result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0],
+                             threads_per_method=args.threads,
+                             load_avg_at_start=os.getloadavg()[0]))
   try:
     import jax, sklearn
     result["machine"].update(jax=jax.__version__, sklearn=sklearn.__version__)
@@ -276,7 +304,8 @@ def main(argv=None):
   except ImportError as e:
     print(f"note: {e}", file=sys.stderr)
   if not args.skip_image:
-    result["image_level"] = bench_image_level(args)
+    extra = ["--method", "image"] + (["--quick"] if args.quick else [])
+    result["image_level"] = _run_worker(args, extra)
     print(f"[image] {json.dumps(result['image_level'])}", file=sys.stderr)
   if not args.skip_dataset:
     ds = bench_dataset_level(args)
@@ -288,6 +317,7 @@ def main(argv=None):
         inertia_rel_diff_vs_sklearn=max(ds[f"k{k}"]["inertia_rel_diff_vs_sklearn"]
                                         for k in args.ks),
         **ds)
+  result["machine"]["load_avg_at_end"] = os.getloadavg()[0]
   print(json.dumps(result))
 
 

@@ -56,9 +56,10 @@ __all__ = [
 ]
 
 _HI = jax.lax.Precision.HIGHEST
-# Above this many clusters the centroid sums use a scatter-add (segment_sum) instead of a
-# one-hot matmul, whose cost grows with k.
-_ONEHOT_MAX_CLUSTERS = 64
+# Up to this many clusters the centroid sums are a one-hot matmul (fastest for small k on
+# CPU); above it a scatter-add (segment_sum), whose cost does not grow with k (measured on
+# [4096, 384] blocks: k=2 one-hot 0.17 ms vs scatter 0.31 ms; k=20 0.49 ms vs 0.26 ms).
+_ONEHOT_MAX_CLUSTERS = 8
 
 Init = Union[str, jax.Array, np.ndarray]
 
@@ -143,15 +144,26 @@ def _n_local_trials(k: int, n_local_trials: Optional[int]) -> int:
 # One point set.
 
 
+def _sample_proportional(key, p: jax.Array, num: int) -> jax.Array:
+  """`num` indices drawn with replacement with probability ~ p >= 0 (inverse CDF) -> [num].
+
+  One uniform number per draw (not one per point: cheaper than Gumbel-max, and independent
+  of N, so appending zero-probability padding leaves the draws unchanged). An index with
+  p = 0 is never drawn while some p > 0.
+  """
+  cdf = jnp.cumsum(p)
+  u = jax.random.uniform(key, (num,)) * cdf[-1]
+  return jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, p.shape[0] - 1)
+
+
 def _kmeans_plus_plus(key, x, x_sq, w, k: int, n_local_trials: int) -> jax.Array:
   """Greedy k-means++ seeding restricted to points with w > 0 -> centroids [k, D].
 
   First centre ~ w; then, k-1 times, `n_local_trials` candidates ~ w * D(x)^2 (D = distance to
   the closest chosen centre) and the candidate that lowers the potential most is kept.
   """
-  logw = _masked_logits(w)
   key, sub = jax.random.split(key)
-  first = jax.random.categorical(sub, logw)
+  first = _sample_proportional(sub, w, 1)[0]
   closest = _sq_dists(x, x_sq, x[first][None])[:, 0]
   centroids = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
 
@@ -160,11 +172,7 @@ def _kmeans_plus_plus(key, x, x_sq, w, k: int, n_local_trials: int) -> jax.Array
     key, sub = jax.random.split(key)
     pot = w * closest
     # All valid points already coincide with a centre: fall back to sampling ~ w.
-    logits = jnp.where(jnp.any(pot > 0), _masked_logits(pot), logw)
-    # One key per trial (not one [T, N] draw): with partitionable threefry the noise of point
-    # i then does not depend on N, so appending masked padding leaves the draws unchanged.
-    cand = jax.vmap(lambda kk: jax.random.categorical(kk, logits))(
-        jax.random.split(sub, n_local_trials))
+    cand = _sample_proportional(sub, jnp.where(jnp.sum(pot) > 0, pot, w), n_local_trials)
     d = jnp.minimum(_sq_dists(x, x_sq, x[cand]), closest[:, None])
     best = jnp.argmin(jnp.einsum("n,nt->t", w, d, precision=_HI))
     return centroids.at[i].set(x[cand[best]]), d[:, best], key
@@ -274,14 +282,18 @@ class _LloydState(NamedTuple):
   it: jax.Array
   centroids: jax.Array
   labels: jax.Array
+  inertia: jax.Array   # of the last pass, w.r.t. the centroids it was run with
   done: jax.Array
+  final: jax.Array     # the last pass already is the final assignment (see _lloyd)
 
 
 def _lloyd(x, w, centroids, tol_abs, max_iter: int, chunk: Optional[int], cosine: bool):
-  """Lloyd iterations from `centroids` -> (centroids, iterations, converged).
+  """Lloyd iterations from `centroids` -> the final `_LloydState`.
 
   `x` is already normalised unless `chunk` is set and `cosine` (then every pass normalises
-  its blocks on the fly).
+  its blocks on the fly). When the loop ended by strict convergence without re-seeding
+  (`final`), the state's labels / inertia are already the final assignment and the caller
+  can skip one pass; otherwise they belong to the previous centroids.
   """
   valid = w > 0
   pass_cosine = cosine and chunk is not None
@@ -291,20 +303,22 @@ def _lloyd(x, w, centroids, tol_abs, max_iter: int, chunk: Optional[int], cosine
 
   def body(s):
     p = _pass(x, w, s.centroids, chunk=chunk, cosine=pass_cosine)
+    reseed = jnp.any(p.counts <= 0)
     sums, counts = jax.lax.cond(
-        jnp.any(p.counts <= 0),
-        functools.partial(_relocate_empty, cosine=pass_cosine), lambda *a: (a[-2], a[-1]),
-        x, w, p.labels, p.dist, p.sums, p.counts)
+        reseed, functools.partial(_relocate_empty, cosine=pass_cosine),
+        lambda *a: (a[-2], a[-1]), x, w, p.labels, p.dist, p.sums, p.counts)
     new = jnp.where(counts[:, None] > 0, sums / jnp.where(counts > 0, counts, 1.0)[:, None],
                     s.centroids)
     strict = jnp.all((p.labels == s.labels) | ~valid)
     shift = jnp.sum((new - s.centroids) ** 2)
-    return _LloydState(s.it + 1, new, p.labels, strict | (shift <= tol_abs))
+    # Unchanged labels and no re-seeding: `new` is bitwise the previous centroids (same sums
+    # of the same points), so this pass's labels and inertia are already the final ones.
+    return _LloydState(s.it + 1, new, p.labels, p.inertia, strict | (shift <= tol_abs),
+                       strict & ~reseed)
 
   init = _LloydState(jnp.int32(0), centroids, jnp.full(w.shape, -1, jnp.int32),
-                     jnp.asarray(False))
-  s = jax.lax.while_loop(cond, body, init)
-  return s.centroids, s.it, s.done
+                     jnp.float32(0), jnp.asarray(False), jnp.asarray(False))
+  return jax.lax.while_loop(cond, body, init)
 
 
 def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_init: int,
@@ -328,11 +342,15 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
       c0 = _random_init(run_key, xs, w, k)
     else:
       c0 = init_centroids.astype(jnp.float32)
-    centroids, iters, converged = _lloyd(x, w, c0, tol_abs, max_iter,
-                                         chunk_size if chunked else None, cosine)
-    p = _pass(x, w, centroids, chunk=chunk_size if chunked else None,
-              cosine=cosine and chunked, stats=False)
-    return KMeansResult(centroids, jnp.where(valid, p.labels, -1), p.inertia, iters, converged)
+    s = _lloyd(x, w, c0, tol_abs, max_iter, chunk_size if chunked else None, cosine)
+
+    def final_pass(s):
+      p = _pass(x, w, s.centroids, chunk=chunk_size if chunked else None,
+                cosine=cosine and chunked, stats=False)
+      return p.labels, p.inertia
+
+    labels, inertia = jax.lax.cond(s.final, lambda s: (s.labels, s.inertia), final_pass, s)
+    return KMeansResult(s.centroids, jnp.where(valid, labels, -1), inertia, s.it, s.done)
 
   if n_init == 1:
     return one_run(key)
@@ -355,8 +373,10 @@ def _batched_jit(x, w, keys, init_centroids, tol, *, batch_size, shared_init, **
     xi, wi, ki, ci = args
     return _kmeans_single(xi, wi, ki, init_centroids if shared_init else ci, tol, **cfg)
   ci = jnp.zeros((x.shape[0],), jnp.float32) if shared_init else init_centroids
-  if batch_size is None:
+  if batch_size is None or batch_size >= x.shape[0]:
     return jax.vmap(one)((x, w, keys, ci))
+  if batch_size == 1:
+    return jax.lax.map(one, (x, w, keys, ci))       # a plain loop: no vmapped while_loop
   return jax.lax.map(one, (x, w, keys, ci), batch_size=batch_size)
 
 
@@ -401,8 +421,9 @@ def kmeans(points, k: int, *, key, mask=None, weights=None, init: Init = "k-mean
   Args:
     points: [N, D] float array.
     k: number of clusters (static), 1 <= k <= N.
-    key: PRNG key (typed `jax.random.key` or raw uint32 [2]); the result is a deterministic
-      function of the key and the valid points.
+    key: PRNG key (typed `jax.random.key` or raw uint32 [2]). The result is deterministic
+      given the key, and appending masked rows (padding) does not change it (the random
+      draws of point i do not depend on N).
     mask: optional [N] bool; False = padding, ignored everywhere (assignment -1).
     weights: optional [N] float sample weights (> 0; weight <= 0 acts like mask False).
     init: "k-means++" (default), "random" (k distinct valid points ~ w) or an array [k, D]
@@ -449,7 +470,7 @@ def kmeans(points, k: int, *, key, mask=None, weights=None, init: Init = "k-mean
 def batched_kmeans(points, k: int, *, keys, mask=None, weights=None, init: Init = "k-means++",
                    n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
                    cosine: bool = False, n_local_trials: Optional[int] = None,
-                   batch_size: Optional[int] = None) -> KMeansResult:
+                   batch_size: Union[int, None, str] = "auto") -> KMeansResult:
   """`kmeans` of B independent point sets of a padded batch in one compiled call.
 
   Set b is `points[b][mask[b]]`; padding rows never influence its result, so the result of a
@@ -464,10 +485,11 @@ def batched_kmeans(points, k: int, *, keys, mask=None, weights=None, init: Init 
     weights: optional [B, N] float weights.
     init: "k-means++", "random", or an array [k, D] (shared) or [B, k, D] (per set).
     n_init, max_iter, tol, cosine, n_local_trials: as in `kmeans`.
-    batch_size: None vmaps all B sets at once (every Lloyd step then touches the whole batch,
-      until the slowest set stops); an int runs `lax.map` over chunks of that many sets, which
-      keeps each chunk in cache and lets fast sets stop early (faster on CPU, see
-      benchmarks/kmeans.py).
+    batch_size: sets per step. None vmaps all B sets at once: every Lloyd step then touches
+      the whole batch until the slowest set stops (best on GPU / TPU). An int runs `lax.map`
+      over chunks of that many sets: each set's data stays in cache and each chunk stops
+      with its own slowest set (1 = one set at a time, ~4x faster on CPU for 3136 x 384
+      sets). Default "auto": 1 on the CPU backend, None otherwise.
 
   Returns:
     KMeansResult with a leading B axis: centroids [B, k, D], assignment [B, N], inertia [B],
@@ -491,6 +513,12 @@ def batched_kmeans(points, k: int, *, keys, mask=None, weights=None, init: Init 
     raise ValueError(f"batched_kmeans: `keys` has {jnp.shape(keys)[0]} keys for {b} sets")
   init_mode, init_arr = _resolve_init(init, k, d, (b,))
   shared = init_arr is None or init_arr.ndim == 2
+  if batch_size == "auto":
+    batch_size = 1 if jax.default_backend() == "cpu" else None
+  elif batch_size is not None and (not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+    raise ValueError(f"batched_kmeans: `batch_size` must be None, 'auto' or a positive int, "
+                     f"got {batch_size!r}")
   if init_mode == "array":
     n_init = 1
   w = _effective_weights(b * n, None if mask is None else jnp.reshape(mask, (-1,)),

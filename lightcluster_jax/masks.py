@@ -154,7 +154,7 @@ def _pick_image_fg(bf, counts, attn, b0, tie_tol: float):
 def image_level_foreground(keys, valid, cls_attn=None, *, keys_prng, k: int = 2,
                            n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
                            tie_tol: float = 1e-6, cosine: bool = True,
-                           batch_size: Optional[int] = None) -> dict:
+                           batch_size="auto") -> dict:
   """Image-level foreground: per-image k-means of Keys and the border-fraction rule.
 
   With border fractions b_c (`border_fraction`) and b0 = (border patches) / (valid patches),

@@ -178,8 +178,10 @@ def test_foreground_clusters_majority_fallback_and_guard():
 def synthetic(b=6, h=12, w=16, d=16, noise=0.6, seed=0, pad_garbage=True):
   """Keys [B, h*w, D], valid [B, h, w], gt [B, h, w], cls [B, D] with 2 object categories."""
   rng = np.random.default_rng(seed)
-  obj = rng.normal(size=(2, d))
-  back = rng.normal(size=(2, d))
+  # Object (background) Keys of both categories share a common direction, so object vs
+  # background is the dominant 2-way split at every level.
+  obj = rng.normal(size=(1, d)) + 0.5 * rng.normal(size=(2, d))
+  back = rng.normal(size=(1, d)) + 0.5 * rng.normal(size=(2, d))
   keys = np.zeros((b, h, w, d), np.float32)
   valid = np.zeros((b, h, w), bool)
   gt = np.zeros((b, h, w), bool)
