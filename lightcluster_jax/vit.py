@@ -218,24 +218,51 @@ def _attend_full(q, k, v, key_valid, precision):
   return out.astype(v.dtype), probs
 
 
-def _attend_chunked(q, k, v, key_valid, precision, chunk: int, unroll: bool = False):
-  """Same as `_attend_full` without probs, one chunk of queries at a time.
+def _attend_map(q, k, v, key_valid, precision, chunk: int, need_probs: bool = False):
+  """Attention as a sequential loop over (image, head) pairs, each a plain 2-D problem.
 
-  With thousands of tokens the [B, H, T, T] probabilities do not fit in cache; going through
-  the queries in chunks keeps each [B, H, chunk, T] slab in cache between the two matmuls and
-  the softmax. Mathematically identical (query rows are independent).
+  Why (CPU): the batched einsums of `_attend_full` make XLA move [B, H, T, T] arrays through
+  memory in several passes (the batch dims b, h are not the major dims of q/k/v, and every
+  op sweeps the whole array before the next starts); with T ~ 3000 that is gigabytes per
+  block. Here q, k, v are transposed once to [B*H, T, dh] (cheap: T*D per image) and
+  `lax.map` runs logits -> softmax -> probs @ v on one [Tq, T] slab at a time (split into
+  query chunks of `chunk` rows when Tq > 4 * chunk), which stays in cache. Measured on the
+  2-core CPU of this project at B=8, H=6: 3-6x faster than the batched form for T = 197..3137.
   """
   b, tq, h, dh = q.shape
-  if unroll:
-    outs = [_attend_full(q[:, i:i + chunk], k, v, key_valid, precision)[0]
-            for i in range(0, tq, chunk)]
-    return jnp.concatenate(outs, axis=1)
-  n = -(-tq // chunk)
-  pad = n * chunk - tq
-  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  qc = qp.reshape(b, n, chunk, h, dh).swapaxes(0, 1)
-  out = jax.lax.map(lambda qi: _attend_full(qi, k, v, key_valid, precision)[0], qc)
-  return out.swapaxes(0, 1).reshape(b, n * chunk, h, dh)[:, :tq]
+  t = k.shape[1]
+  qh = q.transpose(0, 2, 1, 3).reshape(b * h, tq, dh)
+  kh = k.transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+  vh = v.transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+  valid = None if key_valid is None else jnp.repeat(key_valid, h, axis=0)  # [B*H, T]
+  n = 1
+  if not need_probs and tq > 4 * chunk:
+    n = -(-tq // chunk)
+    qh = jnp.pad(qh, ((0, 0), (0, n * chunk - tq), (0, 0)))
+  qh = qh.reshape(b * h, n, -1, dh)
+
+  def slab(qc, kk, vv, ok):
+    logits = jnp.matmul(qc, kk.T, precision=precision, preferred_element_type=jnp.float32)
+    if ok is not None:
+      logits = jnp.where(ok[None, :], logits, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(logits, axis=-1)
+    o = jnp.matmul(p.astype(vv.dtype), vv, precision=precision,
+                   preferred_element_type=jnp.float32).astype(vv.dtype)
+    return o, p
+
+  def one(args):
+    qi, kk, vv, ok = args
+    if n == 1:
+      o, p = slab(qi[0], kk, vv, ok)
+      return (o[None], p) if need_probs else (o[None], None)
+    o = jax.lax.map(lambda qc: slab(qc, kk, vv, ok)[0], qi)
+    return o, None
+
+  out, probs = jax.lax.map(one, (qh, kh, vh, valid))
+  out = out.reshape(b, h, -1, dh)[:, :, :tq].transpose(0, 2, 1, 3)
+  if need_probs:
+    probs = probs.reshape(b, h, tq, t)
+  return out, probs
 
 
 def attention(q, k, v, key_valid=None, *, need_probs=False, impl="auto", precision=None,
@@ -246,33 +273,32 @@ def attention(q, k, v, key_valid=None, *, need_probs=False, impl="auto", precisi
     q: [B, Tq, H, dh] queries, ALREADY multiplied by dh**-0.5.
     k, v: [B, T, H, dh].
     key_valid: optional [B, T] bool; False keys get zero probability.
-    need_probs: also return the [B, H, Tq, T] float32 probabilities (forces "full").
-    impl: "full" (materialise [B, H, Tq, T]), "chunked" (`lax.map` over query chunks),
-      "unrolled" (the same chunks as separate ops), "dpa" (`jax.nn.dot_product_attention`:
-      cuDNN flash attention on GPU where it applies, XLA elsewhere), or "auto": full when
-      Tq * T <= 512**2 or probs are needed, else chunked on CPU and dpa on accelerators.
+    need_probs: also return the [B, H, Tq, T] float32 probabilities ("map" or "full").
+    impl: "map" (loop over (image, head) slabs, see `_attend_map`), "full" (batched
+      einsums materialising [B, H, Tq, T]: the naive port), "dpa"
+      (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA
+      elsewhere), or "auto": map on CPU; on accelerators full for short sequences or when
+      probs are needed, else dpa.
     precision: matmul precision.
-    chunk: query chunk length of "chunked" / "unrolled".
+    chunk: query chunk length of "map" for long sequences.
 
   Returns:
     (out [B, Tq, H, dh] of v.dtype, probs or None).
   """
   tq, t = q.shape[1], k.shape[1]
   if impl == "auto":
-    if need_probs or tq * t <= 512 * 512:
-      impl = "full"
+    if jax.default_backend() == "cpu":
+      impl = "full" if tq == 1 else "map"
     else:
-      impl = "chunked" if jax.default_backend() == "cpu" else "dpa"
+      impl = "full" if need_probs or tq * t <= 512 * 512 else "dpa"
+  if impl == "map":
+    return _attend_map(q, k, v, key_valid, precision, chunk, need_probs=need_probs)
   if need_probs or impl == "full":
     return _attend_full(q, k, v, key_valid, precision)
-  if impl in ("chunked", "unrolled"):
-    out = _attend_chunked(q, k, v, key_valid, precision, chunk, unroll=impl == "unrolled")
-    return out, None
   if impl == "dpa":
     mask = None if key_valid is None else key_valid[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0), None
-  raise ValueError(f"unknown attention impl {impl!r}; expected auto, full, chunked, unrolled "
-                   "or dpa")
+  raise ValueError(f"unknown attention impl {impl!r}; expected auto, map, full or dpa")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +638,7 @@ def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cl
     dtype: compute dtype of the matmuls (jnp.bfloat16 on accelerators); LayerNorm, softmax,
       the residual stream and all returned arrays stay float32.
     precision: matmul precision (e.g. "highest" for parity checks on GPU/TPU).
-    attn_impl: "auto" | "full" | "chunked" | "dpa" (see `attention`).
+    attn_impl: "auto" | "map" | "full" | "dpa" (see `attention`).
 
   Returns:
     dict with, as requested, for P = (H/p) (W/p) patches in row-major order and
