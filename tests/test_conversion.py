@@ -367,3 +367,24 @@ def test_real_dinov2_keys_separate_foreground(assets, dinov2_s14_npz, voc_ids):
   assert len(ious) == 9
   # METHOD.md: a plain PyTorch version of exactly this gave 0.681.
   assert miou > 0.6
+
+
+def test_safetensors_and_npz_need_no_torch(tmp_path):
+  import subprocess
+  import sys
+  from safetensors.numpy import save_file
+  cfg, sd = _sd("dinov2_vits14_reg", depth=1)
+  save_file(_to_hf(sd, cfg), str(tmp_path / "m.safetensors"))
+  np.savez(tmp_path / "m.npz", **sd)
+  code = (
+      "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+      "from lightcluster_jax import vit, weights\n"
+      "cfg = vit.get_config('dinov2_vits14_reg', depth=1)\n"
+      f"a, p = weights.load_any({str(tmp_path / 'm.safetensors')!r}, cfg)\n"
+      f"b, q = weights.load_any({str(tmp_path / 'm.npz')!r}, cfg)\n"
+      f"weights.save({str(tmp_path / 'c.npz')!r}, a, p)\n"
+      "print('ok', a == cfg)\n")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.strip() == "ok True"
