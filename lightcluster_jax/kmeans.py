@@ -1011,7 +1011,8 @@ def _array_blocks(points, mask, weights, block: int):
 
 def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=None,
                      weights=None, refine_iters: int = 0, chunk_size: int = 4096,
-                     block_size: int = 1 << 18, **kmeans_kwargs) -> KMeansResult:
+                     block_size: int = 1 << 18, return_info: bool = False,
+                     **kmeans_kwargs) -> KMeansResult:
   """k-means fitted on a uniform random sample, then every point assigned (dataset level).
 
   METHOD.md step 4 with `dataset_fit_patches`: the centroids are those of `kmeans` on
@@ -1031,13 +1032,14 @@ def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=No
       tolerance scaled by the variance of the sample).
     chunk_size: rows per cache-sized block inside a pass.
     block_size: rows per host block.
+    return_info: also return dict(sample_iterations, refine_epochs, refine_shifts).
     **kmeans_kwargs: forwarded to `kmeans` on the sample (init, n_init, max_iter, tol,
       cosine, n_local_trials).
 
   Returns:
     KMeansResult: centroids [k, D], assignment [N] (every point), inertia over all N valid
     points w.r.t. the returned centroids, iterations (sample fit + refinement passes),
-    converged (of the last stage run).
+    converged (of the last stage run); or (result, info) with `return_info`.
   """
   _check_points(points, "points", 2)
   n = points.shape[0]
@@ -1052,6 +1054,7 @@ def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=No
   fit = kmeans(sample, k, key=k_fit, weights=w_sample, chunk_size=chunk_size, **kmeans_kwargs)
   centroids, iterations, converged = fit.centroids, fit.iterations, fit.converged
   make_blocks = _array_blocks(points, mask, weights, block_size)
+  info = dict(sample_iterations=int(fit.iterations), refine_epochs=0, refine_shifts=[])
   if refine_iters > 0:
     s = jnp.asarray(sample, jnp.float32)
     s = _l2_normalize(s) if cosine else s
@@ -1063,13 +1066,16 @@ def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=No
                                     sample=s, sample_sq=s_sq)
     iterations = iterations + info["epochs"]
     converged = jnp.asarray(info["converged"])
+    info = dict(sample_iterations=int(fit.iterations), refine_epochs=info["epochs"],
+                refine_shifts=info["shifts"])
   labels, inertia = [], jnp.float32(0)
   for x, w, dup in make_blocks():
     a, d = _block_assign(x, w, centroids, cosine=cosine, chunk=chunk_size)
     labels.append(a[dup:])
     inertia = inertia + jnp.sum(w * d)
-  return KMeansResult(centroids, jnp.concatenate(labels)[:n], inertia,
-                      jnp.asarray(iterations, jnp.int32), jnp.asarray(converged))
+  res = KMeansResult(centroids, jnp.concatenate(labels)[:n], inertia,
+                     jnp.asarray(iterations, jnp.int32), jnp.asarray(converged))
+  return (res, info) if return_info else res
 
 
 def _as_batch(item):

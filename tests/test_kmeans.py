@@ -25,6 +25,15 @@ sklearn_cluster = pytest.importorskip("sklearn.cluster")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
+@pytest.fixture(autouse=True)
+def _fast_compile():
+  """Test problems are tiny, so XLA compile time dominates: skip most optimizations here."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def blobs(n=400, d=8, centers=5, std=1.0, seed=0):
   x, y = sklearn_datasets.make_blobs(n, n_features=d, centers=centers, cluster_std=std,
                                      random_state=seed)
@@ -148,6 +157,7 @@ def test_same_init_matches_ott():
   np.testing.assert_allclose(float(ours.inertia), float(ott.error), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_kmeans_plus_plus_close_to_ott():
   ott_k_means = pytest.importorskip("ott.tools.k_means")
   x, _ = blobs(n=400, d=6, centers=5, std=1.0, seed=11)
@@ -201,8 +211,8 @@ def test_permutation_invariance():
   x, _ = blobs(n=256, d=5, centers=4, std=1.0, seed=9)
   perm = np.random.default_rng(0).permutation(len(x))
   init = x[[3, 70, 140, 200]]
-  a = km.kmeans(x, 4, key=jax.random.key(0), init=init)
-  b = km.kmeans(x[perm], 4, key=jax.random.key(0), init=init)
+  a = km.kmeans(x, 4, key=jax.random.PRNGKey(0), init=init)        # raw uint32 keys work too
+  b = km.kmeans(x[perm], 4, key=jax.random.PRNGKey(0), init=init)
   np.testing.assert_array_equal(np.asarray(b.assignment), np.asarray(a.assignment)[perm])
   np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), atol=1e-5)
   # k-means++ draws depend on the order, but the optimum found on separated blobs does not.
@@ -219,9 +229,6 @@ def test_determinism_and_jit():
   for a, b in ((r1, r2), (r1, r3)):
     np.testing.assert_array_equal(np.asarray(a.assignment), np.asarray(b.assignment))
     np.testing.assert_array_equal(np.asarray(a.centroids), np.asarray(b.centroids))
-  # Raw uint32 keys work too; a different key gives a different seeding.
-  r4 = km.kmeans(x, 5, key=jax.random.PRNGKey(1))
-  assert r4.centroids.shape == (5, 4)
 
 
 def test_empty_cluster_is_reseeded_like_sklearn():

@@ -15,6 +15,15 @@ from lightcluster_jax import masks as M
 ndi = pytest.importorskip("scipy.ndimage")
 
 
+@pytest.fixture(autouse=True)
+def _fast_compile():
+  """Test problems are tiny, so XLA compile time dominates: skip most optimizations here."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def structure(connectivity):
   return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
 
@@ -250,7 +259,6 @@ def test_category_groups_recover_superclasses():
                                    image_mask=np.arange(10) < 9))
   assert g[9] == -1
   assert len(set(zip(g[:9].tolist(), truth.tolist()))) == 3
-  assert np.asarray(M.category_groups(cls[:2], 5, key=jax.random.key(0))).max() <= 1
 
 
 def test_soft_foreground_matches_numpy():
@@ -269,7 +277,8 @@ def test_soft_foreground_matches_numpy():
 def test_multilevel_foreground_on_synthetic_dataset():
   keys, valid, gt, cls = synthetic()
   out = M.multilevel_foreground(keys, valid, cls, None, key=jax.random.key(0),
-                                num_categories=2, min_region_patches=3)
+                                num_categories=2, flip_image_level=True)
+  assert not np.asarray(out["image_flipped"]).any()
   for name in ("image", "category", "dataset", "consistent"):
     m = np.asarray(out[name])
     assert m.shape == valid.shape and not m[~valid].any(), name
