@@ -79,7 +79,9 @@ class CRFParams:
     window_downsample: "window" backend: bilateral messages are computed on a grid downsampled by
       this factor (block means of colour and Q) and upsampled bilinearly (ConvCRF's `blur`).
     exact_chunk: "exact" backend: rows of the kernel matrix computed at once.
-    lattice_min_capacity: "lattice" backend: smallest vertex-capacity bucket.
+    lattice_corners: "lattice" backend: simplex corners splatted per pixel, 6 (all, as in
+      pydensecrf) or fewer (the largest barycentric weights, renormalised): fewer lattice
+      entries and vertices for a small loss of agreement (see the README table).
   """
 
   iterations: int = 10
@@ -92,7 +94,7 @@ class CRFParams:
   window_radius: int = 5
   window_downsample: int = 4
   exact_chunk: int = 512
-  lattice_min_capacity: int = 4096
+  lattice_corners: int = 6
 
 
 PRESETS: dict[str, CRFParams] = {
@@ -369,42 +371,61 @@ def _compact(mask: jax.Array, size: int):
   return idx, pos[-1] + 1
 
 
-def _compacted_rounds(step, carry, todo, result, size: int):
-  """Finishes the probe rounds of the (few) entries left after round 0, in a compact buffer.
+def _probe_slot(h: jax.Array, r: jax.Array, mask) -> jax.Array:
+  """Triangular probing h + r(r+1)/2 (visits every slot of a power-of-two table)."""
+  r = r.astype(jnp.uint32)
+  return ((h + (r * (r + 1)) // 2) & mask).astype(jnp.int32)
 
-  Repeats: gather up to `size` unresolved entries, run `carry, res, todo = step(carry, ids, res,
-  todo, r)` for rounds r = 1, 2, ... until that batch is resolved, scatter the results back.
-  One pass is the rule; more happen only if over `size` entries were left after round 0.
+
+# (buffer fraction, rounds) of the compacted probing stages after round 0; the last repeats.
+_STAGES = ((8, 3), (64, 4))
+
+
+def _staged_rounds(step, carry, todo: jax.Array, result: jax.Array):
+  """Finishes the probe sequences of the entries left unresolved by round 0.
+
+  Round 0 settles ~90-98% of the entries; the rest have probe sequences of very different
+  lengths, so running them all to the longest would cost (longest) x (all). Instead each stage
+  gathers up to E/f unresolved entries into a compact buffer, runs a few rounds there and
+  scatters the state back; the last stage repeats until nothing is left. Each entry carries its
+  own probe index.
 
   Args:
-    step: the round function on a batch of entry ids [size] (padding ids = E).
+    step: `(carry, ids, res, todo, rnd) -> (carry, res, todo)` for one round of the batch `ids`
+      (padding ids = E, with todo False), each at probe index `rnd`.
     carry: state shared by all entries (e.g. the hash table).
-    todo: [E] bool, entries still unresolved.
-    result: [E] int32 results so far; resolved batch entries overwrite theirs.
+    todo: [E] bool unresolved entries.
+    result: [E] int32 results so far.
 
   Returns:
     (carry, result).
   """
   e = todo.shape[0]
 
-  def outer(state):
-    carry, result, todo = state
+  def stage(state, size, rounds):
+    carry, result, todo, rnd = state
     ids, _ = _compact(todo, size)
-    live = ids < e
+    safe = jnp.minimum(ids, e - 1)
 
-    def inner(c):
-      carry, res, tb, r = c
-      carry, res, tb = step(carry, ids, res, tb, r)
-      return carry, res, tb, r + 1
+    def one(_, st):
+      carry, res, tb, r = st
+      carry, res, tb2 = step(carry, ids, res, tb, r)
+      return carry, res, tb2, jnp.where(tb, r + 1, r)
 
-    init = (carry, _take(result, jnp.minimum(ids, e - 1)), live, jnp.int32(1))
-    carry, res, _, _ = lax.while_loop(lambda c: jnp.any(c[2]), inner, init)
+    init = (carry, _take(result, safe), ids < e, _take(rnd, safe))
+    carry, res, tb, r = lax.fori_loop(0, rounds, one, init)
     result = result.at[ids].set(res, mode="drop")
-    todo = todo.at[ids].set(False, mode="drop")
-    return carry, result, todo
+    todo = todo.at[ids].set(tb, mode="drop")
+    rnd = rnd.at[ids].set(r, mode="drop")
+    return carry, result, todo, rnd
 
-  carry, result, _ = lax.while_loop(lambda s: jnp.any(s[2]), outer, (carry, result, todo))
-  return carry, result
+  state = (carry, result, todo, jnp.ones((e,), jnp.int32))
+  for frac, rounds in _STAGES[:-1]:
+    state = stage(state, max(256, e // frac), rounds)
+  frac, rounds = _STAGES[-1]
+  state = lax.while_loop(lambda st: jnp.any(st[2]),
+                         lambda st: stage(st, max(256, e // frac), rounds), state)
+  return state[0], state[1]
 
 
 def _same(fp, idx, q1, q2) -> jax.Array:
@@ -415,10 +436,10 @@ def _same(fp, idx, q1, q2) -> jax.Array:
 def _hash_insert(fp, active: jax.Array, table_bits: int, token: jax.Array):
   """Deduplicates 64-bit keys fp = (h1, h2) ([E] uint32 each) in an open-addressing table.
 
-  Linear probing, run as vectorised rounds: every unresolved entry claims its probe slot if it is
-  empty (a scatter; any one claimant wins), then compares the winner's key with its own. All
-  entries with one key follow one probe sequence, so they resolve onto the same owner entry.
-  Round 0 resolves ~98% of the entries; the rest continue in a compacted buffer.
+  Triangular probing, run as vectorised rounds: every unresolved entry claims its probe slot if
+  it is empty (a scatter; any one claimant wins), then compares the winner's key with its own.
+  All entries with one key follow one probe sequence, so they resolve onto the same owner
+  entry. Round 0 resolves most entries; the rest continue in compacted stages.
 
   Returns:
     table: [2^table_bits] int32 owner entry of each slot (-1 = empty).
@@ -434,157 +455,210 @@ def _hash_insert(fp, active: jax.Array, table_bits: int, token: jax.Array):
   owner = _materialize(_take(table, slot0), token)
   todo = active & ~_same(fp, jnp.maximum(owner, 0), h1, h2)
 
-  def step(carry, ids, res, todo, r):
+  def step(carry, ids, res, todo, rnd):
     (table,) = carry
     safe = jnp.minimum(ids, e - 1)
     q1, q2 = _take(h1, safe), _take(h2, safe)
-    cand = ((q1 + r.astype(jnp.uint32)) & mask).astype(jnp.int32)
+    cand = _probe_slot(q1, rnd, mask)
     empty = _take(table, cand) < 0
     table = table.at[jnp.where(todo & empty, cand, t)].set(ids, mode="drop")
     own = _take(table, cand)
     ok = todo & (own >= 0) & _same(fp, jnp.maximum(own, 0), q1, q2)
     return (table,), jnp.where(ok, own, res), todo & ~ok
 
-  (table,), owner = _compacted_rounds(step, (table,), todo, owner, max(1024, e // 16))
+  (table,), owner = _staged_rounds(step, (table,), todo, owner)
   return table, jnp.where(active, owner, -1)
 
 
-def _hash_lookup(table: jax.Array, fp, qfp, token: jax.Array) -> jax.Array:
-  """Owner entry of query keys qfp = (g1, g2) [Q] in a table from `_hash_insert`, or -1."""
-  g1, g2 = _materialize(qfp, token)
-  q = g1.shape[0]
-  mask = jnp.uint32(table.shape[0] - 1)
-
-  def probe(q1, q2, r):
-    own = _materialize(_take(table, ((q1 + r.astype(jnp.uint32)) & mask).astype(jnp.int32)),
-                       token)
-    hit = (own >= 0) & _same(fp, jnp.maximum(own, 0), q1, q2)
-    return own, hit, own < 0
-
-  own, hit, miss = probe(g1, g2, jnp.int32(0))
-
-  def step(carry, ids, res, todo, r):
-    safe = jnp.minimum(ids, q - 1)
-    own, hit, miss = probe(_take(g1, safe), _take(g2, safe), r)
-    return carry, jnp.where(todo & hit, own, res), todo & ~hit & ~miss
-
-  _, res = _compacted_rounds(step, (), ~hit & ~miss, jnp.where(hit, own, -1), max(1024, q // 8))
-  return res
-
-
 class _Lattice(NamedTuple):
-  """A permutohedral lattice over N points with vertex capacity C (index C = "no vertex")."""
+  """A permutohedral lattice over N points; vertex arrays have E + 1 = (d+1) N + 1 slots.
+
+  Only the first `num_vertices` slots are real vertices; slot E is a zero "no vertex" dummy.
+  """
 
   vid: jax.Array  # [d+1, N] int32 lattice vertex of simplex corner r of each point
   bary: jax.Array  # [d+1, N] float32 barycentric weights (0 for invalid points)
-  nbr: jax.Array  # [d+1, 2, C+1] int32 blur neighbours along each lattice direction
+  nbr: jax.Array  # [2 (d+1), E+1] int32 blur neighbours: rows j and d+1+j = key -/+ delta_j
+  num_vertices: jax.Array  # int32 scalar
 
 
-def _lattice_filter(lat: _Lattice, v: jax.Array, *, reverse: bool = False) -> jax.Array:
-  """Splat - blur - slice of values v [K, N] -> [K, N] (pydensecrf `Permutohedral::compute`)."""
-  dp1 = lat.nbr.shape[0]
-  d = dp1 - 1
-  cap = lat.nbr.shape[-1] - 1
+def _chunks(n_items: jax.Array, chunk: int, body, init):
+  """`init = body(start, init)` for start = 0, chunk, 2 chunk, ... < n_items (a while loop).
+
+  The work follows the data (the number of lattice vertices) while every array keeps a static
+  shape; `body` writes its chunk with `lax.dynamic_update_slice` into a carried buffer, which
+  XLA updates in place.
+  """
+  def step(c):
+    i, st = c
+    return i + 1, body(i * chunk, st)
+  n = (n_items + chunk - 1) // chunk
+  return lax.while_loop(lambda c: c[0] < n, step, (jnp.int32(0), init))[1]
+
+
+_CHUNK = 1 << 14
+
+
+def _blur(lat: _Lattice, vals: jax.Array, reverse: bool) -> jax.Array:
+  """pydensecrf's blur: for each lattice direction j, v <- v + (v[key - d_j] + v[key + d_j]) / 2.
+
+  Each direction reads the previous one's buffer and writes the other of two buffers, in
+  chunks over the real vertices only.
+  """
+  dp1 = lat.nbr.shape[0] // 2
+  size = vals.shape[0]
+  chunk = min(_CHUNK, size)
+  bufs = [vals, jnp.zeros_like(vals)]
+  for k in range(dp1):
+    j = dp1 - 1 - k if reverse else k
+    src = bufs[k % 2]
+
+    def body(start, dst, src=src, j=j):
+      start = jnp.minimum(start, size - chunk)  # the last chunk may overlap the previous one
+      n1 = lax.dynamic_slice(lat.nbr[j], (start,), (chunk,))
+      n2 = lax.dynamic_slice(lat.nbr[dp1 + j], (start,), (chunk,))
+      out = lax.dynamic_slice(src, (start,), (chunk,)) + 0.5 * (_take(src, n1) + _take(src, n2))
+      return lax.dynamic_update_slice(dst, out, (start,))
+
+    bufs[(k + 1) % 2] = _chunks(lat.num_vertices, chunk, body, bufs[(k + 1) % 2])
+  return bufs[dp1 % 2]
+
+
+def _lattice_filter_impl(lat: _Lattice, v: jax.Array, reverse: bool) -> jax.Array:
+  corners = lat.vid.shape[0]
+  d = lat.nbr.shape[0] // 2 - 1
+  e = lat.nbr.shape[1] - 1
   alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
-  keep = jnp.arange(cap + 1) < cap
-
-  def blur(j, vals):
-    # One direction per loop step: as a loop carry `vals` is a materialised buffer, whereas
-    # unrolled steps get fused into the next step's gathers and recomputed per element.
-    jj = (d - j) if reverse else j
-    nb = lax.dynamic_index_in_dim(lat.nbr, jj, keepdims=False)
-    return jnp.where(keep, vals + 0.5 * (_take(vals, nb[0]) + _take(vals, nb[1])), 0.0)
-
   outs = []
   for k in range(v.shape[0]):
-    # 2-D scatter/gather on [d+1, N]: flattening to [(d+1) N] inside a fusion is slow on CPU.
-    vals = jnp.zeros((cap + 1,), jnp.float32).at[lat.vid].add(lat.bary * v[k][None],
-                                                             mode="promise_in_bounds")
-    vals = lax.fori_loop(0, dp1, blur, jnp.where(keep, vals, 0.0))
+    # Scatter/gather on [d+1, N]: flattening to [(d+1) N] inside a fusion is slow on CPU.
+    vals = jnp.zeros((e + 1,), jnp.float32).at[lat.vid].add(lat.bary * v[k][None],
+                                                           mode="promise_in_bounds")
+    vals = _blur(lat, vals.at[e].set(0.0), reverse)
     sliced = _take(vals, lat.vid)
-    outs.append(alpha * _rsum([lat.bary[r] * sliced[r] for r in range(dp1)]))
+    outs.append(alpha * _rsum([lat.bary[r] * sliced[r] for r in range(corners)]))
   return jnp.stack(outs)
 
 
-def _lattice_prepare(f: jax.Array, valid: jax.Array):
-  """Capacity-independent half of the lattice build: simplex, corner keys, dedupe.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lattice_filter(lat: _Lattice, v: jax.Array, reverse: bool = False) -> jax.Array:
+  """Splat - blur - slice of values v [K, N] -> [K, N] (pydensecrf `Permutohedral::compute`).
 
-  Args:
-    f: [d, N] float32 features (already divided by their kernel widths).
-    valid: [N] bool.
+  Linear in v with transpose = the same filter with the blur directions reversed (each
+  direction's step is symmetric), which is the VJP; the lattice is treated as a constant.
+  """
+  return _lattice_filter_impl(lat, v, reverse)
+
+
+def _lattice_filter_fwd(lat, v, reverse):
+  return _lattice_filter_impl(lat, v, reverse), lat
+
+
+def _lattice_filter_bwd(reverse, lat, g):
+  zero = jax.tree_util.tree_map(
+      lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating)
+      else np.zeros(x.shape, jax.dtypes.float0), lat)
+  return zero, _lattice_filter_impl(lat, g, not reverse)
+
+
+_lattice_filter.defvjp(_lattice_filter_fwd, _lattice_filter_bwd)
+
+
+def _top_corners(bary: jax.Array, k: int):
+  """The k largest barycentric weights per point (renormalised) and their corner indices.
 
   Returns:
-    dict: rem0/rank/bary [d+1, N] (the simplices), table + fp (the hash table),
-    owner [E] (representative corner of each corner's vertex, -1 invalid), is_owner [E],
-    cid [E] (compact vertex id, valid at owners), num_vertices (traced int).
+    corner: [k, N] int32 simplex corner r, weight: [k, N] float32 summing to 1 per point.
+  """
+  dp1 = bary.shape[0]
+  rows = [bary[r] for r in range(dp1)]
+  order = []
+  for r in range(dp1):  # position of corner r in descending order (ties by index)
+    order.append(_rsum([(rows[q] > rows[r]).astype(jnp.int32) if q > r else
+                        (rows[q] >= rows[r]).astype(jnp.int32) for q in range(dp1) if q != r]))
+  corner = [_rsum([jnp.where(order[r] == s, r, 0) for r in range(dp1)]) for s in range(k)]
+  weight = [_rsum([jnp.where(order[r] == s, rows[r], 0.0) for r in range(dp1)]) for s in range(k)]
+  total = _rsum(weight)
+  return jnp.stack(corner), jnp.stack([w / total for w in weight])
+
+
+def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -> _Lattice:
+  """Permutohedral lattice of features f [d, N] (pydensecrf's `Permutohedral::init`).
+
+  Simplices and barycentric weights per point, dedupe of the corner keys in a hash table,
+  compact vertex ids, and the 2 (d+1) blur neighbours of every vertex by table lookup.
+  Invalid points get no corners. `corners` < d+1 keeps only that many largest-weight corners
+  per point (renormalised; fewer entries and vertices, a further approximation).
   """
   d, n = f.shape
-  e = (d + 1) * n
+  dp1 = d + 1
+  k = dp1 if corners is None else max(1, min(int(corners), dp1))
+  e = k * n
   token = f[d - 1, 0]  # a runtime (image) value for _materialize; positions fold to constants
   rem0, rank, bary = _materialize(_lattice_simplex(f), token)
-  # Build every flat [E] array as a concatenation of per-corner [N] arrays: XLA:CPU turns a
-  # reshape of a fused [d+1, N] computation into a slow per-element index computation.
-  hashes = [_fingerprint_of(_prehash(_vertex_key(rem0, rank, r))) for r in range(d + 1)]
+  if k < dp1:
+    corner, bary = _materialize(_top_corners(bary, k), token)
+    rs = [corner[s] for s in range(k)]
+  else:
+    corner, rs = None, list(range(dp1))
+  # Flat [E] arrays are concatenations of per-corner [N] arrays: XLA:CPU turns a reshape of a
+  # fused [k, N] computation into a slow per-element index computation.
+  hashes = [_fingerprint_of(_prehash(_vertex_key(rem0, rank, r))) for r in rs]
   fp = _materialize((jnp.concatenate([h[0] for h in hashes]),
                      jnp.concatenate([h[1] for h in hashes])), token)
-  active = jnp.concatenate([valid] * (d + 1))
-  bary = jnp.where(valid[None], bary, 0.0)
+  active = jnp.concatenate([valid] * k)
   table_bits = max(10, int(math.ceil(math.log2(2 * e))))  # load M / T <= 1/4 (M <= E / 2)
   table, owner = _hash_insert(fp, active, table_bits, token)
-  is_owner = owner == jnp.arange(e, dtype=jnp.int32)
+  eid = jnp.arange(e, dtype=jnp.int32)
+  is_owner = owner == eid
   cid = _prefix_count(is_owner) - 1
-  return dict(rem0=rem0, rank=rank, bary=bary, table=table, fp=fp, owner=owner,
-              is_owner=is_owner, cid=cid, num_vertices=cid[-1] + 1, token=token)
-
-
-def _lattice_finish(prep, capacity: int) -> _Lattice:
-  """Compacts the vertices into `capacity` slots and finds the blur neighbours by lookup."""
-  rem0, rank, owner, cid = prep["rem0"], prep["rank"], prep["owner"], prep["cid"]
-  dp1, n = rank.shape
-  d = dp1 - 1
-  e = dp1 * n
-  slot = jnp.where(prep["is_owner"] & (cid < capacity), cid, capacity)
-  first = jnp.full((capacity + 1,), e, jnp.int32).at[slot].set(
-      jnp.arange(e, dtype=jnp.int32), mode="drop")[:capacity]
-  exists = first < e
-  # Key of each vertex from its owner corner (r, i): rem0[:, i] + canonical[r][rank[:, i]].
-  r_v = first // n
-  i_v = jnp.where(exists, first - r_v * n, 0)
-  vkey = [_take(rem0[c], i_v).astype(jnp.int32)
-          + jnp.where(_take(rank[c], i_v) <= d - r_v, r_v, r_v - dp1) for c in range(d)]
-  token = prep["token"]
-  pre = _materialize(_prehash(vkey), token)
+  num_vertices = cid[-1] + 1
+  vid = jnp.where(owner >= 0, _take(cid, jnp.maximum(owner, 0)), e)
+  first = jnp.full((e + 1,), e, jnp.int32).at[jnp.where(is_owner, cid, e + 1)].set(
+      eid, mode="drop")  # owner corner entry of each compact vertex id
+  mask = jnp.uint32(table.shape[0] - 1)
   coef = _hash_coeffs(d).astype(np.int64)
-  q1, q2 = [], []
-  for sgn in (1, -1):
+  offsets = []
+  for sgn in (-1, 1):
     for j in range(dp1):
       # lattice direction j: +d on coordinate j, -1 on the others (coordinate d is implicit)
       delta = np.array([d if c == j else -1 for c in range(d)], np.int64) * sgn
-      off = [np.uint32(int(np.sum(delta * coef[w])) % (1 << 32)) for w in range(2)]
-      g1, g2 = _fingerprint_of((pre[0] + off[0], pre[1] + off[1]))
-      q1.append(g1)
-      q2.append(g2)
-  own = _hash_lookup(prep["table"], prep["fp"], (jnp.concatenate(q1), jnp.concatenate(q2)),
-                     token)
-  found = jnp.concatenate([exists] * (2 * dp1)) & (own >= 0)
-  nb = jnp.where(found, _take(cid, jnp.maximum(own, 0)), capacity).reshape(2, dp1, capacity)
-  nb = jnp.concatenate([nb, jnp.full((2, dp1, 1), capacity, jnp.int32)], axis=2)
-  vid = jnp.where(owner >= 0, _take(cid, jnp.maximum(owner, 0)), capacity)
-  return _Lattice(vid=vid.reshape(dp1, n), bary=prep["bary"], nbr=jnp.transpose(nb, (1, 0, 2)))
+      offsets.append([int(np.sum(delta * coef[w])) % (1 << 32) for w in range(2)])
+  offsets = np.asarray(offsets, np.uint32).T[:, :, None]  # [2, 2 (d+1), 1]
+  chunk = min(_CHUNK, e + 1)
 
+  def lookup(start, nbr):
+    start = jnp.minimum(start, e + 1 - chunk)
+    own_e = lax.dynamic_slice(first, (start,), (chunk,))
+    live = own_e < e
+    s_v = own_e // n
+    i_v = jnp.where(live, own_e - s_v * n, 0)
+    r_v = s_v if corner is None else _take(corner.reshape(-1), jnp.where(live, own_e, 0))
+    key = [_take(rem0[c], i_v).astype(jnp.int32)
+           + jnp.where(_take(rank[c], i_v) <= d - r_v, r_v, r_v - dp1) for c in range(d)]
+    pre = _materialize(_prehash(key), token)
+    g1, g2 = _fingerprint_of((pre[0][None] + offsets[0], pre[1][None] + offsets[1]))
+    g1, g2 = _materialize((g1, g2), token)
 
-def _capacity_buckets(e: int, min_capacity: int) -> list[int]:
-  """Static vertex capacities E, E/2, E/4, ... down to min_capacity (a lax.switch per bucket)."""
-  caps, c = [], e
-  while c > min_capacity:
-    caps.append(c)
-    c = (c + 1) // 2
-  caps.append(max(min(c, e), 1))
-  return sorted(set(caps))
+    def probe(c):
+      res, todo, r = c
+      own = _materialize(_take(table, _probe_slot(g1, r, mask)), token)
+      hit = todo & (own >= 0) & _same(fp, jnp.maximum(own, 0), g1, g2)
+      return jnp.where(hit, own, res), todo & ~hit & (own >= 0), r + 1
+
+    init = (jnp.full(g1.shape, -1, jnp.int32), jnp.broadcast_to(live[None], g1.shape),
+            jnp.zeros(g1.shape, jnp.int32))
+    res = lax.while_loop(lambda c: jnp.any(c[1]), probe, init)[0]
+    nb = jnp.where(live[None] & (res >= 0), _take(cid, jnp.maximum(res, 0)), e)
+    return lax.dynamic_update_slice(nbr, nb, (0, start))
+
+  nbr = _chunks(num_vertices, chunk, lookup, jnp.full((2 * dp1, e + 1), e, jnp.int32))
+  return _Lattice(vid=vid.reshape(k, n), bary=jnp.where(valid[None], bary, 0.0), nbr=nbr,
+                  num_vertices=num_vertices)
 
 
 def lattice_filter(features: jax.Array, values: jax.Array, valid: jax.Array | None = None, *,
-                   normalize: bool = True, min_capacity: int = 4096) -> jax.Array:
+                   normalize: bool = True, corners: int | None = None) -> jax.Array:
   """Gaussian filtering sum_j exp(-|f_i - f_j|^2 / 2) v_j on a permutohedral lattice.
 
   The approximation pydensecrf uses (same embedding, simplex, blur and scaling), as a standalone
@@ -596,31 +670,21 @@ def lattice_filter(features: jax.Array, values: jax.Array, valid: jax.Array | No
     valid: optional [N] bool; invalid points neither send nor receive.
     normalize: if True return D^-1/2 K D^-1/2 v with D = K 1 (pydensecrf NORMALIZE_SYMMETRIC),
       else K v.
-    min_capacity: smallest vertex-capacity bucket.
+    corners: keep only this many largest-weight simplex corners per point (default: all d+1).
 
   Returns:
-    [N, K] float32.
+    [N, K] float32. Differentiable w.r.t. `values` (the lattice is a constant of `features`).
   """
-  n, d = features.shape
+  n = features.shape[0]
   if valid is None:
     valid = jnp.ones((n,), bool)
-  f = jnp.asarray(features, jnp.float32).T
-  prep = _lattice_prepare(f, valid)
-  caps = _capacity_buckets((d + 1) * n, min_capacity)
+  lat = _lattice_build(jnp.asarray(features, jnp.float32).T, valid, corners)
   vt = jnp.where(valid[None], jnp.asarray(values, jnp.float32).T, 0.0)
-
-  def branch(cap):
-    def run(prep, vt):
-      lat = _lattice_finish(prep, cap)
-      if not normalize:
-        return _lattice_filter(lat, vt)
-      nrm = jnp.where(valid, lax.rsqrt(_lattice_filter(lat, jnp.ones_like(vt[:1]))[0] + 1e-20),
-                      0.0)
-      return nrm * _lattice_filter(lat, nrm * vt)
-    return run
-
-  idx = jnp.searchsorted(jnp.asarray(caps, jnp.int32), prep["num_vertices"])
-  out = lax.switch(idx, [branch(c) for c in caps], prep, vt)
+  if normalize:
+    nrm = jnp.where(valid, lax.rsqrt(_lattice_filter(lat, jnp.ones_like(vt[:1]))[0] + 1e-20), 0.0)
+    out = nrm * _lattice_filter(lat, nrm * vt)
+  else:
+    out = _lattice_filter(lat, vt)
   return jnp.where(valid[:, None], out.T, 0.0)
 
 
@@ -831,19 +895,10 @@ def dense_crf(unary: jax.Array, image: jax.Array, *, params: CRFParams | None = 
     return mean_field(unary, msg, iterations=params.iterations, return_log=return_log)
 
   # lattice
-  prep = _lattice_prepare(fb.reshape(5, -1), valid.reshape(-1))
-  caps = _capacity_buckets(6 * h * w, params.lattice_min_capacity)
-
-  def branch(cap):
-    def run(prep, unary):
-      lat = _lattice_finish(prep, cap)
-      raw_b = lambda v: _lattice_filter(lat, v.reshape(v.shape[0], -1)).reshape(v.shape)
-      msg = _two_term_message(spatial, _normalised(raw_b, valid), params)
-      return mean_field(unary, msg, iterations=params.iterations, return_log=return_log)
-    return run
-
-  idx = jnp.searchsorted(jnp.asarray(caps, jnp.int32), prep["num_vertices"])
-  return lax.switch(idx, [branch(cap) for cap in caps], prep, unary)
+  lat = _lattice_build(fb.reshape(5, -1), valid.reshape(-1), params.lattice_corners)
+  raw_b = lambda v: _lattice_filter(lat, v.reshape(v.shape[0], -1)).reshape(v.shape)
+  msg = _two_term_message(spatial, _normalised(raw_b, valid), params)
+  return mean_field(unary, msg, iterations=params.iterations, return_log=return_log)
 
 
 def _window_bilateral_op(img, valid, valid_hw, params: CRFParams) -> _Op:
@@ -892,8 +947,8 @@ def dense_crf_batch(unary: jax.Array, images: jax.Array, valid_hw: jax.Array | N
                     return_log: bool = False) -> jax.Array:
   """`dense_crf` over a padded batch: unary [B, H, W, C], images [B, H, W, 3], valid_hw [B, 2].
 
-  The lattice backend runs the images one after another (`lax.map`) so each image takes only
-  its own capacity branch; the other backends are vmapped.
+  The lattice backend runs the images one after another (`lax.map`): its loops follow each
+  image's number of lattice vertices; the other backends are vmapped.
 
   Returns:
     [B, H, W, C] float32.
