@@ -1116,7 +1116,8 @@ def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
                   init_sample_size: int = 65_536, epochs: int = 10, tol: float = 1e-4,
                   cosine: bool = False, method: str = "lloyd", chunk_size: int = 4096,
                   block_size: int = 1 << 18, n_init: int = 1, sample_max_iter: int = 100,
-                  return_info: bool = False):
+                  return_info: bool = False, init_sample: Optional[int] = None,
+                  max_iter: Optional[int] = None):
   """k-means over data that need not fit in memory at once (dataset level).
 
   1. Seeding: a uniform sample of `init_sample_size` valid points (reservoir sampling over one
@@ -1149,6 +1150,7 @@ def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
     sample_max_iter: Lloyd iterations on the sample during seeding.
     return_info: also return dict(epochs, shifts, inertia, converged); inertia[e] is the
       inertia of the data w.r.t. the centroids *before* epoch e's update.
+    init_sample: alias of `init_sample_size`; max_iter: alias of `epochs`.
 
   Returns:
     centroids [k, D] float32 (jax array), or (centroids, info) if `return_info`.
@@ -1162,6 +1164,10 @@ def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
   if method not in ("lloyd", "minibatch"):
     raise ValueError(f"fit_streaming: unknown method {method!r}; expected 'lloyd' or "
                      "'minibatch'")
+  if init_sample is not None:
+    init_sample_size = int(init_sample)
+  if max_iter is not None:
+    epochs = int(max_iter)
   is_array = isinstance(batches, (np.ndarray, jax.Array))
   if is_array:
     if batches.ndim != 2:
