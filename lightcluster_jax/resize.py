@@ -109,3 +109,88 @@ def resize(
   y = jnp.einsum("oh,...hwc->...owc", my, xf, precision=hp)
   y = jnp.einsum("pw,...owc->...opc", mx, y, precision=hp)
   return y.astype(x.dtype)
+
+
+def upsample_probs(x: jax.Array, out_hw: tuple[int, int], *, in_valid_hw=None,
+                   out_valid_hw=None, method: Method = "bilinear") -> jax.Array:
+  """Resizes a padded batch of patch-level maps to pixels, each image with its own valid size.
+
+  Like `torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=False)` applied
+  to every image's valid region `x[b, :h_b, :w_b]` with output size `out_valid_hw[b]`, placed in
+  the top-left of an `out_hw` canvas (zeros elsewhere). One compiled function serves any mix of
+  valid sizes (they may be traced). Works for probabilities and logits alike (linear).
+
+  Args:
+    x: [B, h, w, C] patch-level values (padded).
+    out_hw: static (H, W) of the output canvas.
+    in_valid_hw: [B, 2] int valid (h_b, w_b) of each input; default the full (h, w).
+    out_valid_hw: [B, 2] int valid (H_b, W_b) of each output; default the full (H, W).
+    method: "bilinear" (default), "bicubic" or "nearest".
+
+  Returns:
+    [B, H, W, C] float32 (x's dtype), zero outside each valid output region.
+
+  Example:
+    >>> p = upsample_probs(probs, (512, 512), in_valid_hw=jnp.array([[32, 24], [24, 32]]),
+    ...                    out_valid_hw=jnp.array([[448, 336], [336, 448]]))
+  """
+  b, h, w = x.shape[:3]
+  in_valid_hw = _per_image_hw(in_valid_hw, b, (h, w), "in_valid_hw")
+  out_valid_hw = _per_image_hw(out_valid_hw, b, tuple(out_hw), "out_valid_hw")
+
+  def one(xi, ivh, ovh):
+    return resize(xi, out_hw, method=method, in_valid_hw=(ivh[0], ivh[1]),
+                  out_valid_hw=(ovh[0], ovh[1]))
+
+  return jax.vmap(one)(x, in_valid_hw, out_valid_hw)
+
+
+def upsample_labels(labels: jax.Array, out_hw: tuple[int, int], *, in_valid_hw=None,
+                    out_valid_hw=None, fill_value: int = 0) -> jax.Array:
+  """Nearest-neighbour resize of a padded batch of integer label maps, per-image valid sizes.
+
+  Matches `torch.nn.functional.interpolate(..., mode="nearest")` (source index
+  floor(dst * in / out), OpenCV's INTER_NEAREST) on each image's valid region.
+
+  Args:
+    labels: [B, h, w] integer labels (padded).
+    out_hw: static (H, W) of the output canvas.
+    in_valid_hw: [B, 2] int valid input sizes; default the full (h, w).
+    out_valid_hw: [B, 2] int valid output sizes; default the full (H, W).
+    fill_value: label written outside each valid output region.
+
+  Returns:
+    [B, H, W] labels of the input dtype.
+  """
+  b, h, w = labels.shape
+  in_valid_hw = _per_image_hw(in_valid_hw, b, (h, w), "in_valid_hw")
+  out_valid_hw = _per_image_hw(out_valid_hw, b, tuple(out_hw), "out_valid_hw")
+  out_h, out_w = out_hw
+
+  def one(li, ivh, ovh):
+    # Integer index maps (no float matmul), so labels of any size are carried exactly.
+    ys = _nearest_index(ivh[0], ovh[0], out_h)
+    xs = _nearest_index(ivh[1], ovh[1], out_w)
+    out = li[ys[:, None], xs[None, :]]
+    valid = (jnp.arange(out_h)[:, None] < ovh[0]) & (jnp.arange(out_w)[None, :] < ovh[1])
+    return jnp.where(valid, out, jnp.asarray(fill_value, labels.dtype))
+
+  return jax.vmap(one)(labels, in_valid_hw, out_valid_hw)
+
+
+def _nearest_index(in_size, out_size, out_capacity: int) -> jax.Array:
+  """PyTorch 'nearest' source index floor(dst * in / out), clipped to the valid input."""
+  in_size = jnp.asarray(in_size, jnp.int32)
+  out_size = jnp.asarray(out_size, jnp.int32)
+  dst = jnp.arange(out_capacity, dtype=jnp.float32)
+  scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+  return jnp.clip(jnp.floor(dst * scale).astype(jnp.int32), 0, in_size - 1)
+
+
+def _per_image_hw(hw, b: int, default: tuple[int, int], name: str) -> jax.Array:
+  if hw is None:
+    return jnp.tile(jnp.asarray([default], jnp.int32), (b, 1))
+  hw = jnp.asarray(hw)
+  if hw.shape != (b, 2):
+    raise ValueError(f"{name} must have shape [{b}, 2] (one (h, w) per image), got {hw.shape}")
+  return hw.astype(jnp.int32)
