@@ -266,6 +266,25 @@ def _pixel_bucket(hw, multiple):
   return tuple(_round_up(n, multiple) for n in hw)
 
 
+def _run_pixel_buckets(items: Sequence[Item], payload: Callable, flush: Callable, *,
+                       bucket_pixels: int, batch: int) -> None:
+  """Groups (id, payload(item), image) by padded pixel shape; calls flush(shape, group).
+
+  Batches have a fixed size and a small set of shapes, so the jitted stage functions compile
+  once per bucket, not per image; partial batches are flushed at the end.
+  """
+  groups: dict[tuple, list] = {}
+  for it in items:
+    img = it.load()
+    shape = _pixel_bucket(img.shape[:2], bucket_pixels)
+    group = groups.setdefault(shape, [])
+    group.append((it.id, payload(it), img))
+    if len(group) == batch:
+      flush(shape, groups.pop(shape))
+  for shape, group in groups.items():
+    flush(shape, group)
+
+
 @functools.lru_cache(maxsize=16)
 def make_refine_fn(crf_params, backend, enabled: bool):
   """Jitted `(prob [B,h,w], grid_hw [B,2], image [B,H,W,3] uint8, orig_hw [B,2]) -> fg prob`.
@@ -300,7 +319,6 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
   bar = _bar(None, total=len(todo), desc="refine (CRF)" if cfg.enabled else "upsample",
              enabled=progress)
   batch = 2
-  groups: dict[tuple, list] = {}
 
   def flush(shape, group):
     hb, wb = shape
@@ -324,16 +342,8 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
                            "prob": fg[b, :img.shape[0], :img.shape[1]].astype(np.float16)})
     bar.update(len(group))
 
-  for it in todo:
-    m = mask_stage.load(it.id)
-    img = it.load()
-    shape = _pixel_bucket(img.shape[:2], cfg.bucket_pixels)
-    group = groups.setdefault(shape, [])
-    group.append((it.id, m, img))
-    if len(group) == batch:
-      flush(shape, groups.pop(shape))
-  for shape, group in groups.items():
-    flush(shape, group)
+  _run_pixel_buckets(todo, lambda it: mask_stage.load(it.id), flush,
+                     bucket_pixels=cfg.bucket_pixels, batch=batch)
   bar.close()
 
 
@@ -378,7 +388,6 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
                        crop_size=cfg.crop_size, dtype=_dtype(dtype))
   bar = _bar(None, total=len(todo), desc="regions", enabled=progress)
   batch = 2
-  groups: dict[tuple, list] = {}
 
   def flush(shape, group):
     hb, wb = shape
@@ -396,16 +405,8 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
                            "descriptors": desc[b], "valid": valid[b]})
     bar.update(len(group))
 
-  for it in todo:
-    fg = refine_stage.load(it.id)["fg"]
-    img = it.load()
-    shape = _pixel_bucket(img.shape[:2], bucket_pixels)
-    group = groups.setdefault(shape, [])
-    group.append((it.id, fg, img))
-    if len(group) == batch:
-      flush(shape, groups.pop(shape))
-  for shape, group in groups.items():
-    flush(shape, group)
+  _run_pixel_buckets(todo, lambda it: refine_stage.load(it.id)["fg"], flush,
+                     bucket_pixels=bucket_pixels, batch=batch)
   bar.close()
 
 
