@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,3 +33,12 @@ def dinov2_s14_npz(assets) -> pathlib.Path:
 def voc_ids(assets) -> list[str]:
   lst = assets / "voc2012" / "ImageSets" / "Segmentation" / "val_with_images.txt"
   return lst.read_text().split()
+
+
+@pytest.fixture
+def fast_compile():
+  """Tiny test problems are dominated by XLA compile time: skip most optimizations."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -25,13 +25,7 @@ sklearn_cluster = pytest.importorskip("sklearn.cluster")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile():
-  """Test problems are tiny, so XLA compile time dominates: skip most optimizations here."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def blobs(n=400, d=8, centers=5, std=1.0, seed=0):

@@ -15,13 +15,7 @@ from lightcluster_jax import masks as M
 ndi = pytest.importorskip("scipy.ndimage")
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile():
-  """Test problems are tiny, so XLA compile time dominates: skip most optimizations here."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def structure(connectivity):
