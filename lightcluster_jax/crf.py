@@ -722,20 +722,29 @@ def _pixel_features(image: jax.Array, sxy: float, srgb: float | None, step: floa
   return jnp.concatenate([jnp.stack(pos), col])
 
 
+def _window_offsets(radius: int) -> np.ndarray:
+  r = np.arange(-radius, radius + 1)
+  return np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
+
+
 def _window_weights(f: jax.Array, valid: jax.Array, radius: int) -> jax.Array:
-  """Kernel weights to every neighbour in a (2r+1)^2 window: f [d, H, W] -> [O, H, W]."""
-  _, h, w = f.shape
+  """Kernel weights to every neighbour of a (2r+1)^2 window: f [d, H, W] -> [O, H, W].
+
+  Offsets are visited by `lax.map` (compile time independent of the radius); the stack costs
+  O * H * W floats, so keep the window small at full resolution.
+  """
+  d, h, w = f.shape
   r = radius
   fp = jnp.pad(f, ((0, 0), (r, r), (r, r)))
   vp = jnp.pad(valid, ((r, r), (r, r)))
-  ws = []
-  for dy in range(-r, r + 1):
-    for dx in range(-r, r + 1):
-      fs = lax.slice(fp, (0, r + dy, r + dx), (f.shape[0], r + dy + h, r + dx + w))
-      vs = lax.slice(vp, (r + dy, r + dx), (r + dy + h, r + dx + w))
-      d2 = _rsum([(f[c] - fs[c]) ** 2 for c in range(f.shape[0])])
-      ws.append(jnp.where(vs & valid, jnp.exp(-0.5 * d2), 0.0))
-  return jnp.stack(ws)
+
+  def one(off):
+    fs = lax.dynamic_slice(fp, (0, r + off[0], r + off[1]), (d, h, w))
+    vs = lax.dynamic_slice(vp, (r + off[0], r + off[1]), (h, w))
+    d2 = _rsum([(f[c] - fs[c]) ** 2 for c in range(d)])
+    return jnp.where(vs & valid, jnp.exp(-0.5 * d2), 0.0)
+
+  return lax.map(one, jnp.asarray(_window_offsets(r)))
 
 
 def _window_apply(wts: jax.Array, v: jax.Array, radius: int) -> jax.Array:
@@ -743,13 +752,13 @@ def _window_apply(wts: jax.Array, v: jax.Array, radius: int) -> jax.Array:
   k, h, w = v.shape
   r = radius
   vp = jnp.pad(v, ((0, 0), (r, r), (r, r)))
-  terms, o = [], 0
-  for dy in range(-r, r + 1):
-    for dx in range(-r, r + 1):
-      vs = lax.slice(vp, (0, r + dy, r + dx), (k, r + dy + h, r + dx + w))
-      terms.append(wts[o][None] * vs)
-      o += 1
-  return _rsum(terms)
+  offs = jnp.asarray(_window_offsets(r))
+
+  def body(o, acc):
+    vs = lax.dynamic_slice(vp, (0, r + offs[o, 0], r + offs[o, 1]), (k, h, w))
+    return acc + wts[o][None] * vs
+
+  return lax.fori_loop(0, offs.shape[0], body, jnp.zeros_like(v))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,6 +865,8 @@ def dense_crf(unary: jax.Array, image: jax.Array, *, params: CRFParams | None = 
   image = jnp.asarray(image)
   _check_inputs(unary, image)
   h, w, _ = unary.shape
+  if params.iterations == 0:
+    return mean_field(unary, None, iterations=0, return_log=return_log)
   valid = _valid_mask(h, w, valid_hw)
   validf = valid.astype(jnp.float32)
   img = image.astype(jnp.float32)
