@@ -57,6 +57,10 @@ from jax import lax
 
 from lightcluster_jax.resize import resize as _resize
 
+__all__ = ["BACKENDS", "CRFParams", "PRESETS", "dense_crf", "dense_crf_batch", "get_params",
+           "lattice_filter", "mean_field", "spatial_filter", "unary_from_labels",
+           "unary_from_probs"]
+
 Backend = Literal["lattice", "window", "exact"]
 BACKENDS = ("lattice", "window", "exact")
 
@@ -470,6 +474,31 @@ def _hash_insert(fp, active: jax.Array, table_bits: int, token: jax.Array):
   return table, jnp.where(active, owner, -1)
 
 
+def _hash_lookup(table: jax.Array, fp, qfp, active: jax.Array, mask, token: jax.Array):
+  """Owner entry of query keys qfp = (g1, g2) [Q] in a table from `_hash_insert`, or -1.
+
+  Round 0 for all queries (most hit at once or stop at an empty slot), the rest in compacted
+  stages (`_staged_rounds`).
+  """
+  g1, g2 = qfp
+  q = g1.shape[0]
+
+  def probe(q1, q2, rnd):
+    own = _materialize(_take(table, _probe_slot(q1, rnd, mask)), token)
+    hit = (own >= 0) & _same(fp, jnp.maximum(own, 0), q1, q2)
+    return own, hit, own < 0
+
+  own, hit, miss = probe(g1, g2, jnp.zeros((q,), jnp.int32))
+  hit = hit & active
+
+  def step(carry, ids, res, todo, rnd):
+    safe = jnp.minimum(ids, q - 1)
+    own, hit, miss = probe(_take(g1, safe), _take(g2, safe), rnd)
+    return carry, jnp.where(todo & hit, own, res), todo & ~hit & ~miss
+
+  return _staged_rounds(step, (), active & ~hit & ~miss, jnp.where(hit, own, -1))[1]
+
+
 class _Lattice(NamedTuple):
   """A permutohedral lattice over N points; vertex arrays have E + 1 = (d+1) N + 1 slots.
 
@@ -638,17 +667,9 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
            + jnp.where(_take(rank[c], i_v) <= d - r_v, r_v, r_v - dp1) for c in range(d)]
     pre = _materialize(_prehash(key), token)
     g1, g2 = _fingerprint_of((pre[0][None] + offsets[0], pre[1][None] + offsets[1]))
-    g1, g2 = _materialize((g1, g2), token)
-
-    def probe(c):
-      res, todo, r = c
-      own = _materialize(_take(table, _probe_slot(g1, r, mask)), token)
-      hit = todo & (own >= 0) & _same(fp, jnp.maximum(own, 0), g1, g2)
-      return jnp.where(hit, own, res), todo & ~hit & (own >= 0), r + 1
-
-    init = (jnp.full(g1.shape, -1, jnp.int32), jnp.broadcast_to(live[None], g1.shape),
-            jnp.zeros(g1.shape, jnp.int32))
-    res = lax.while_loop(lambda c: jnp.any(c[1]), probe, init)[0]
+    g1, g2 = _materialize((g1.reshape(-1), g2.reshape(-1)), token)
+    res = _hash_lookup(table, fp, (g1, g2), jnp.concatenate([live] * (2 * dp1)), mask, token)
+    res = res.reshape(2 * dp1, chunk)
     nb = jnp.where(live[None] & (res >= 0), _take(cid, jnp.maximum(res, 0)), e)
     return lax.dynamic_update_slice(nbr, nb, (0, start))
 
