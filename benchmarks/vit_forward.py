@@ -10,7 +10,9 @@ a batch of random ImageNet-normalised images, float32, compile / warm-up exclude
          softmax(q k^T) v with the [B, H, T, T] matrix materialised) in `torch.inference_mode`,
          Keys taken with a forward hook on the last `attn.qkv` as a PyTorch user would.
 Ablations (--ablations): torch with `F.scaled_dot_product_attention` (fused flash kernel, not
-the official code), and JAX with attention materialised ("full", the naive port).
+the official code), torch with 1 thread (its best setting when the CPU is oversubscribed),
+and JAX with attention as batched einsums ("full", the naive port); `ratio_vs_best_torch`
+compares JAX with the fastest torch row.
 The machine may be shared: the variants are interleaved in every repeat and medians reported.
 Last line: one JSON object {"results": [{"arch", "size", "jax_img_s", "torch_img_s",
 "ratio", ...}], "min_ratio": ...}, ratio = jax / torch images/s.
@@ -94,6 +96,17 @@ def main(argv=None) -> int:
         runners["torch"] = run_torch
         if args.ablations:
           runners["torch_sdpa"] = lambda: run_torch(sdpa)
+
+          def run_torch_1thread():
+            # On a shared (oversubscribed) CPU, OpenMP barriers across 2 threads can cost
+            # more than they gain; 1 thread is then torch's best setting.
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+              return run_torch()
+            finally:
+              torch.set_num_threads(n)
+          runners["torch_1thread"] = run_torch_1thread
       # Warm-up (compiles JAX) and a correctness check of the pair being compared.
       outs = {name: fn() for name, fn in runners.items()}
       diff = None
@@ -115,6 +128,9 @@ def main(argv=None) -> int:
       for name in runners:
         if name not in ("jax", "torch"):
           row[f"{name}_img_s"] = args.batch / med[name]
+      torch_rows = [k for k in row if k.startswith("torch") and k.endswith("img_s")]
+      if args.ablations and torch_rows:
+        row["ratio_vs_best_torch"] = row["jax_img_s"] / max(row[k] for k in torch_rows)
       row["tokens"] = 1 + (size // cfg.patch_size) ** 2
       results.append(row)
       print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
