@@ -41,6 +41,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.clustering.min_region_patches = 2      # smaller components are removed
   c.clustering.dataset_fit_patches = 200_000  # dataset-level centroids fitted on a sample
   c.clustering.n_init = 3                  # k-means restarts per problem
+  c.clustering.chunk_images = 64           # masks stage streamed over chunks of this many
+  #                                          images (bounded memory); 0 = all in memory at once
+  c.clustering.category_fit_patches = 200_000  # category centroids fitted on a sample this big
+  #                                          when the set has more patches (then refined below)
+  c.clustering.category_refine_iters = 10  # exact streamed Lloyd passes after a sampled fit
+  c.clustering.dataset_refine_iters = 0    # same for the dataset level (0 = as in memory)
 
   c.upsample = ml_collections.ConfigDict()
   c.upsample.temperature = 0.1   # softmax temperature of the fg/bg centroid distances

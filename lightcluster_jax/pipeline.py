@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from lightcluster_jax import assign as assign_lib
 from lightcluster_jax import crf as crf_lib
 from lightcluster_jax import features as features_lib
+from lightcluster_jax import kmeans as kmeans_lib
 from lightcluster_jax import masks as masks_lib
 from lightcluster_jax import vit
 from lightcluster_jax.config import config_hash
@@ -157,15 +158,30 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def _mesh_batch(batch: int, mesh) -> int:
+  """A batch size that splits evenly over the mesh's devices."""
+  from lightcluster_jax import sharding
+  return _round_up(batch, sharding.mesh_size(mesh))
+
+
+def _parallel(fn, mesh, batch_argnums):
+  from lightcluster_jax import sharding
+  if sharding.mesh_size(mesh) <= 1:
+    return fn
+  return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums)
+
+
 def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, progress=True,
-                 skipped: dict | None = None) -> list[str]:
+                 skipped: dict | None = None, mesh=None) -> list[str]:
   """ViT features of every item not yet in `stage`; returns the ids that have features.
 
   Unreadable images are skipped with a warning naming the file (recorded in `skipped`).
+  With a `mesh` of n devices the batch is rounded up to a multiple of n and split over them.
   """
   config = vit.get_config(arch)
   image_size = cfg.image_size or None
-  fn = features_lib.make_feature_fn(config, dtype=_dtype(cfg.dtype))
+  fn = _parallel(features_lib.make_feature_fn(config, dtype=_dtype(cfg.dtype)), mesh, (1, 2))
+  batch_size = _mesh_batch(cfg.batch_size, mesh)
   todo = [it for it in items if not stage.has(it.id, it.fingerprint)]
   done = {it.id for it in items} - {it.id for it in todo}
   skipped = {} if skipped is None else skipped
@@ -184,9 +200,9 @@ def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, prog
 
   bar = _bar(None, total=len(todo), desc="features", enabled=progress)
   for shape, group in features_lib.iter_batches(
-      preprocessed(), batch_size=cfg.batch_size, bucket_multiple=cfg.bucket_multiple):
+      preprocessed(), batch_size=batch_size, bucket_multiple=cfg.bucket_multiple):
     pixels, mask = features_lib.pad_batch([g[1] for g in group], shape, config.patch_size,
-                                          cfg.batch_size)
+                                          batch_size)
     out = jax.device_get(fn(params, pixels, mask))
     for b, (item_id, pre) in enumerate(group):
       feats = features_lib.unpad_features(out, b, pre.grid_hw, shape, pre.orig_hw)
@@ -231,9 +247,25 @@ def decided_probability(fg: jax.Array, soft: jax.Array) -> jax.Array:
 
 
 def run_masks(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
-              temperature: float, progress=True) -> None:
-  """Multilevel consistent foreground masks and soft patch probabilities for the whole set."""
-  if all(stage.has(i) for i in ids):
+              temperature: float, progress=True, mesh=None,
+              local_range: tuple[int, int] | None = None) -> None:
+  """Multilevel consistent foreground masks and soft patch probabilities for the whole set.
+
+  `cfg.chunk_images > 0` (default): `run_masks_streamed` (bounded memory, sharded over
+  `mesh`, multi-host over `local_range`); 0: everything in memory at once, one call of
+  `masks.multilevel_foreground` (the reference the streamed path reproduces).
+  """
+  chunk = int(cfg.get("chunk_images", 0) or 0)
+  start, end = (0, len(ids)) if local_range is None else local_range
+  missing = sum(not stage.has(i) for i in ids[start:end])
+  if jax.process_count() > 1:
+    from lightcluster_jax import sharding
+    missing = int(sharding.host_sum(np.asarray(missing, np.int64)))
+  if not missing:
+    return
+  if chunk > 0 or jax.process_count() > 1:
+    run_masks_streamed(stage, feat_stage, ids, cfg=cfg, seed=seed, temperature=temperature,
+                       progress=progress, mesh=mesh, local_range=local_range)
     return
   feats = [feat_stage.load(i) for i in _bar(ids, total=len(ids), desc="masks: load",
                                             enabled=progress)]
@@ -256,6 +288,409 @@ def run_masks(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, cfg, seed:
         **{lvl: out[lvl][i, :h, :w] for lvl in ("image", "category", "dataset", "consistent")},
         "prob": out["prob"][i, :h, :w], "group": out["groups"][i],
         "orig_hw": feats[i]["orig_hw"]})
+
+
+# ----------------------------------------------------------------------------- streamed masks
+
+
+def _load_fields(stage: Stage, item_id: str, fields: Sequence[str]) -> dict:
+  """Only `fields` of a cached item (an npz member is read only when asked for)."""
+  if stage.dir is None:
+    d = stage.load(item_id)
+    return {k: d[k] for k in fields}
+  try:
+    with np.load(stage._path(item_id)) as f:
+      return {k: f[k] for k in fields}
+  except Exception as e:
+    raise RuntimeError(f"corrupt cache file {stage._path(item_id)} ({e}); delete it to "
+                       "recompute") from e
+
+
+def _gather_rows(local: np.ndarray, start: int, n_total: int) -> np.ndarray:
+  """Rows [n_local, ...] of this host (global rows start..) -> all rows [n_total, ...]."""
+  if jax.process_count() == 1:
+    return local
+  from lightcluster_jax import sharding
+  cap = -(-n_total // jax.process_count()) + 1
+  buf = np.zeros((cap,) + local.shape[1:], local.dtype)
+  buf[:len(local)] = local
+  got = sharding.host_gather(buf)
+  out = np.zeros((n_total,) + local.shape[1:], local.dtype)
+  for h in range(jax.process_count()):
+    s, e = sharding.host_shard_bounds(n_total, index=h)
+    out[s:e] = got[h][:e - s]
+  return out
+
+
+class _TopK:
+  """Running top-`size` of (priority desc, global index asc) with the rows attached: the
+  order `jax.lax.top_k` gives the in-memory sample (ties: lower index first)."""
+
+  def __init__(self, size: int, dim: int, with_groups: bool = False):
+    self.size, self.dim = size, dim
+    self.prio = np.zeros((0,), np.float32)
+    self.idx = np.zeros((0,), np.int64)
+    self.x = np.zeros((0, dim), np.float32)
+    self.gid = np.zeros((0,), np.int32)
+
+  def add(self, prio, idx, x, gid=None):
+    keep = prio >= 0          # invalid patches: priority -1, appended as zeros at the end
+    self.prio = np.concatenate([self.prio, prio[keep]])
+    self.idx = np.concatenate([self.idx, idx[keep]])
+    self.x = np.concatenate([self.x, x[keep]])
+    if gid is not None:
+      self.gid = np.concatenate([self.gid, gid[keep]])
+    if len(self.prio) > 2 * self.size:
+      self._trim()
+
+  def _trim(self):
+    order = np.lexsort((self.idx, -self.prio))[:self.size]
+    self.prio, self.idx, self.x = self.prio[order], self.idx[order], self.x[order]
+    if len(self.gid):
+      self.gid = self.gid[order]
+
+  def merged(self):
+    """Top over all hosts -> (x [size, D], mask [size], gid [size])."""
+    self._trim()
+    if jax.process_count() > 1:
+      from lightcluster_jax import sharding
+      n = len(self.prio)
+      pad = self.size - n
+      prio = np.concatenate([self.prio, np.full((pad,), -2.0, np.float32)])
+      idx = np.concatenate([self.idx, np.full((pad,), -1, np.int64)])
+      x = np.concatenate([self.x, np.zeros((pad, self.dim), np.float32)])
+      gid = np.concatenate([self.gid, np.zeros((self.size - len(self.gid),), np.int32)])
+      prio, idx = sharding.host_gather(prio).reshape(-1), sharding.host_gather(idx).reshape(-1)
+      x = sharding.host_gather(x).reshape(-1, self.dim)
+      gid = sharding.host_gather(gid).reshape(-1)
+      keep = prio >= 0
+      self.prio, self.idx, self.x, self.gid = prio[keep], idx[keep], x[keep], gid[keep]
+      self._trim()
+    n = len(self.prio)
+    x = np.zeros((self.size, self.dim), np.float32)
+    x[:n] = self.x
+    gid = np.zeros((self.size,), np.int32)
+    gid[:min(n, len(self.gid))] = self.gid[:n]
+    return x, np.arange(self.size) < n, gid
+
+
+@functools.partial(jax.jit, static_argnames=("k_image", "n_init_image", "max_iter"))
+def _chunk_image_level(keys, valid, attn, image_ids, k_img, *, k_image, n_init_image,
+                       max_iter):
+  """Image-level fg of a chunk, exactly as `masks.multilevel_foreground` computes it."""
+  x = kmeans_lib._l2_normalize(keys.astype(jnp.float32))
+  prng = jax.vmap(lambda i: jax.random.fold_in(k_img, i))(image_ids)
+  img = masks_lib.image_level_foreground(x, valid, attn, keys_prng=prng, k=k_image,
+                                         n_init=n_init_image, max_iter=max_iter, cosine=False)
+  return img["fg"]
+
+
+@jax.jit
+def _normalize(keys):
+  return kmeans_lib._l2_normalize(keys.astype(jnp.float32))
+
+
+@jax.jit
+def _group_assign(x, gid, centroids):
+  """Nearest centroid of each point's own group (grouped_kmeans' final E-step)."""
+  d = kmeans_lib._own_group_dists(x, jnp.sum(x * x, axis=-1), gid, centroids)
+  return jnp.argmin(d, axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("g", "rule", "dilate", "min_region_patches",
+                                             "connectivity", "min_image_share"))
+def _chunk_consistent(x, valid, i_fg, dat_assign, cat_assign, groups, dat_table, cat_table,
+                      *, g, rule, dilate, min_region_patches, connectivity, min_image_share):
+  """Steps 4-5 of `masks.multilevel_foreground` for a chunk (all per image)."""
+  b, h, w = valid.shape
+  gid = jnp.broadcast_to(groups[:, None, None], (b, h, w))
+  c_fg = cat_table[jnp.clip(gid, 0, g - 1), jnp.clip(cat_assign, 0, None)]
+  c_fg = c_fg & (cat_assign >= 0) & valid
+  d_fg = dat_table[jnp.clip(dat_assign, 0, None)] & (dat_assign >= 0) & valid
+  d_ok = masks_lib.trusted_level(d_fg, i_fg, min_image_share=min_image_share)
+  c_ok = masks_lib.trusted_level(c_fg, i_fg, min_image_share=min_image_share)
+  d_used = jnp.where(d_ok[:, None, None], d_fg, i_fg)
+  c_used = jnp.where(c_ok[:, None, None], c_fg, i_fg)
+  raw = masks_lib.consistency(d_used, c_used, i_fg, valid, rule=rule, dilate=dilate)
+  clean = masks_lib.remove_small_components(raw, min_region_patches, connectivity=connectivity)
+  empty = ~jnp.any(clean, axis=(1, 2))
+  final = jnp.where(empty[:, None, None], i_fg, clean)
+  p = h * w
+  fgm = final.reshape(b, p)
+  bgm = valid.reshape(b, p) & ~fgm
+  fg_c, n_f = masks_lib._masked_mean(x, fgm)
+  bg_c, n_b = masks_lib._masked_mean(x, bgm)
+  return dict(category=c_fg, dataset=d_fg, consistent=final, fg_c=fg_c, n_f=n_f, bg_c=bg_c,
+              n_b=n_b)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def _chunk_prob(keys, final, valid, fg_c, bg_c, *, temperature):
+  soft = masks_lib.soft_foreground(keys, fg_c, bg_c, valid, temperature=temperature)
+  return decided_probability(final, soft)
+
+
+def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
+                       temperature: float, progress=True, mesh=None,
+                       local_range: tuple[int, int] | None = None) -> dict:
+  """`run_masks` streamed over chunks of `cfg.chunk_images` images from the features cache.
+
+  Same results as the in-memory `multilevel_foreground` for the same seed (the per-image
+  PRNG keys, the padded patch grid, the dataset sample and the k-means inputs are rebuilt
+  exactly), with memory bounded by one chunk of Keys plus the fit samples, not by the
+  dataset size:
+
+  1. metadata: grid sizes (-> the global padded grid) and CLS tokens of every image (small);
+     CLS groups (`category_groups`) as in memory.
+  2. pass 1 per chunk: image-level fg (kept bit-packed, p/8 bytes per image); the dataset
+     sample = the `dataset_fit_patches` valid patches with the largest priorities of the
+     in-memory draw `uniform(k_s, (N*P,))` (drawn per chunk with `sharding.uniform_slice`),
+     in `top_k` order; the category sample likewise (`category_fit_patches`). When the
+     sample would hold every patch, the level is fitted on all patches in flat order,
+     which is the in-memory computation.
+  3. fits: dataset `kmeans` on its sample (then `dataset_refine_iters` exact streamed Lloyd
+     passes over all patches, default 0 as in memory); category `grouped_kmeans` on its
+     sample, then -- when the sample is not everything -- `category_refine_iters` exact
+     streamed grouped Lloyd passes (`sharding.streamed_grouped_lloyd`, psum over the mesh).
+  4. pass 2: assignments and per-cluster foreground counts (integers, summed over hosts)
+     -> foreground tables (`masks._decide`, the in-memory rule).
+  5. pass 3: consistency, cleanup, fallback, soft probability per chunk; saved per image.
+     An image without any fg (or bg) patch needs the dataset mean of fg (bg) Keys: it is
+     finished after the pass, when that mean is known.
+
+  Multi-host: `ids` are the whole (global) list; this host processes `local_range`
+  (start, end) of it (default all) and writes its own images; the samples, the Lloyd sums,
+  the counts and the means are combined across hosts.
+
+  Returns:
+    dict of the fitted quantities (dataset_centroids, category_centroids, groups, ...).
+  """
+  from lightcluster_jax import sharding
+  n_total = len(ids)
+  start, end = (0, n_total) if local_range is None else local_range
+  local_ids = list(ids[start:end])
+  chunk = max(1, int(cfg.chunk_images))
+  if mesh is not None and sharding.mesh_size(mesh) > 1:
+    chunk = _round_up(chunk, sharding.mesh_size(mesh))
+  key = jax.random.PRNGKey(seed)
+  k_img, k_grp, k_cat, k_dat = jax.random.split(key, 4)
+
+  # 1. Metadata.
+  meta = [_load_fields(feat_stage, i, ("grid_hw", "orig_hw", "cls")) for i in
+          _bar(local_ids, total=len(local_ids), desc="masks: index", enabled=progress)]
+  grids = np.array([[int(v) for v in m["grid_hw"]] for m in meta], np.int64).reshape(-1, 2)
+  hm, wm = (int(v) for v in sharding.host_max(grids.max(axis=0) if len(grids) else
+                                             np.zeros(2, np.int64)))
+  p = hm * wm
+  d = int(sharding.host_max(np.asarray(meta[0]["cls"].shape[-1] if meta else 0, np.int64)))
+  cls_all = _gather_rows(np.stack([m["cls"] for m in meta]).astype(np.float32)
+                         if meta else np.zeros((0, d), np.float32), start, n_total)
+  g = min(int(cfg.num_categories), n_total)
+  groups = np.asarray(masks_lib.category_groups(
+      jnp.asarray(cls_all), g, key=k_grp, image_mask=jnp.ones((n_total,), bool)))
+  del cls_all
+  n_flat = n_total * p
+
+  def chunks():
+    """(global start, ids, keys [C, p, D], valid [C, hm, wm], attn [C, p]) of this host."""
+    for s in range(0, len(local_ids), chunk):
+      cids = local_ids[s:s + chunk]
+      keys = np.zeros((chunk, hm, wm, d), np.float32)
+      attn = np.zeros((chunk, hm, wm), np.float32)
+      valid = np.zeros((chunk, hm, wm), bool)
+      for b, i in enumerate(cids):
+        f = _load_fields(feat_stage, i, ("keys", "cls_attn", "grid_hw"))
+        h, w = (int(v) for v in f["grid_hw"])
+        keys[b, :h, :w] = f["keys"].reshape(h, w, d)
+        attn[b, :h, :w] = f["cls_attn"].reshape(h, w)
+        valid[b, :h, :w] = True
+      yield start + s, cids, keys.reshape(chunk, p, d), valid, attn.reshape(chunk, p)
+
+  # 2. Pass 1: image level + fit samples.
+  dat_fit = cfg.dataset_fit_patches
+  dat_sampled = dat_fit is not None and dat_fit < n_flat
+  cat_fit = cfg.category_fit_patches
+  cat_sampled = cat_fit is not None and cat_fit < n_flat
+  if dat_sampled:
+    k_s, k_dat = jax.random.split(k_dat)
+    dat_top = _TopK(int(dat_fit), d)
+  if cat_sampled:
+    k_cs = jax.random.fold_in(k_cat, 1)
+    cat_top = _TopK(int(cat_fit), d, with_groups=True)
+  all_x = [] if not (dat_sampled and cat_sampled) else None
+  image_fg = {}
+  image_fn = functools.partial(_chunk_image_level, k_image=cfg.k_image,
+                               n_init_image=cfg.n_init, max_iter=100)
+  if mesh is not None and sharding.mesh_size(mesh) > 1:
+    image_fn = sharding.data_parallel(image_fn, mesh, batch_argnums=(0, 1, 2, 3))
+  bar = _bar(None, total=len(local_ids), desc="masks: image level", enabled=progress)
+  for g0, cids, keys, valid, attn in chunks():
+    n = len(cids)
+    gidx = np.arange(g0, g0 + chunk)
+    fg = np.asarray(image_fn(keys, valid, attn, gidx.astype(np.int32), k_img))
+    for b, i in enumerate(cids):
+      image_fg[i] = np.packbits(fg[b].reshape(-1))
+    vflat = valid[:n].reshape(-1)
+    flat_idx = g0 * p + np.arange(n * p, dtype=np.int64)
+    x = np.asarray(_normalize(keys))[:n].reshape(n * p, d)
+    if dat_sampled:
+      prio = np.where(vflat, sharding.uniform_slice(k_s, g0 * p, n * p), -1.0)
+      dat_top.add(prio, flat_idx, x)
+    if cat_sampled:
+      prio = np.where(vflat, sharding.uniform_slice(k_cs, g0 * p, n * p), -1.0)
+      cat_top.add(prio, flat_idx, x, np.repeat(groups[g0:g0 + n], p))
+    if all_x is not None:
+      all_x.append(x)
+    bar.update(n)
+  bar.close()
+  if all_x is not None:
+    all_x = _gather_rows(np.concatenate(all_x) if all_x else np.zeros((0, d), np.float32),
+                         start * p, n_flat)
+    all_valid = np.zeros((n_total, hm, wm), bool)
+    for gi, gr in enumerate(_gather_rows(grids, start, n_total)):
+      all_valid[gi, :gr[0], :gr[1]] = True
+    all_valid = all_valid.reshape(-1)
+
+  # 3. Fits.
+  def flat_chunks(with_groups):
+    def gen():
+      for g0, cids, keys, valid, _ in chunks():
+        n = len(cids)
+        x = np.asarray(_normalize(keys)).reshape(chunk * p, d)
+        m = valid.reshape(-1)
+        if with_groups:
+          gid = np.zeros((chunk, p), np.int32)
+          gid[:n] = groups[g0:g0 + n, None]
+          yield x, gid.reshape(-1), m
+        else:
+          yield x, m
+    return gen
+
+  if dat_sampled:
+    sx, sm, _ = dat_top.merged()
+    fit = kmeans_lib.kmeans(jnp.asarray(sx), cfg.k_dataset, key=k_dat, mask=jnp.asarray(sm),
+                            n_init=cfg.n_init, max_iter=100)
+  else:
+    fit = kmeans_lib.kmeans(jnp.asarray(all_x), cfg.k_dataset, key=k_dat,
+                            mask=jnp.asarray(all_valid), n_init=cfg.n_init, max_iter=100)
+  dat_centroids = np.asarray(fit.centroids)
+  if cfg.dataset_refine_iters > 0:
+    dat_centroids, _ = sharding.streamed_lloyd(flat_chunks(False), dat_centroids,
+                                               max_iter=cfg.dataset_refine_iters, mesh=mesh)
+  if cat_sampled:
+    sx, sm, sg = cat_top.merged()
+    cat = kmeans_lib.grouped_kmeans(jnp.asarray(sx), jnp.asarray(sg), g, cfg.k_category,
+                                    key=k_cat, mask=jnp.asarray(sm), n_init=cfg.n_init,
+                                    max_iter=100)
+    cat_centroids = np.asarray(cat.centroids)
+    if cfg.category_refine_iters > 0:
+      cat_centroids, _ = sharding.streamed_grouped_lloyd(
+          flat_chunks(True), cat_centroids, max_iter=cfg.category_refine_iters, mesh=mesh)
+  else:
+    gid_all = np.repeat(groups, p)
+    cat = kmeans_lib.grouped_kmeans(jnp.asarray(all_x), jnp.asarray(gid_all), g,
+                                    cfg.k_category, key=k_cat, mask=jnp.asarray(all_valid),
+                                    n_init=cfg.n_init, max_iter=100)
+    cat_centroids = np.asarray(cat.centroids)
+  del all_x
+
+  def assignments(x, valid, g0, n):
+    m = valid.reshape(-1)
+    da, _ = kmeans_lib.assign(jnp.asarray(x), jnp.asarray(dat_centroids), mask=jnp.asarray(m))
+    gid = np.zeros((chunk, p), np.int32)
+    gid[:n] = groups[g0:g0 + n, None]
+    ca = _group_assign(jnp.asarray(x), jnp.asarray(gid.reshape(-1)),
+                       jnp.asarray(cat_centroids))
+    ca = jnp.where(jnp.asarray(m), ca, -1)
+    return np.asarray(da).reshape(chunk, hm, wm), np.asarray(ca).reshape(chunk, hm, wm)
+
+  def unpacked(cids):
+    fg = np.zeros((chunk, hm, wm), bool)
+    for b, i in enumerate(cids):
+      fg[b] = np.unpackbits(image_fg[i], count=p).astype(bool).reshape(hm, wm)
+    return fg
+
+  # 4. Pass 2: foreground counts of every cluster.
+  kd, kc = cfg.k_dataset, cfg.k_category
+  cnt = dict(d_all=np.zeros(kd, np.int64), d_in=np.zeros(kd, np.int64),
+             c_all=np.zeros(g * kc, np.int64), c_in=np.zeros(g * kc, np.int64))
+  for g0, cids, keys, valid, _ in chunks():
+    n = len(cids)
+    x = np.asarray(_normalize(keys)).reshape(chunk * p, d)
+    da, ca = assignments(x, valid, g0, n)
+    ifg = unpacked(cids)
+    gid = np.broadcast_to(np.pad(groups[g0:g0 + n], (0, chunk - n))[:, None, None], da.shape)
+    ok = valid & (da >= 0)
+    cnt["d_all"] += np.bincount(da[ok], minlength=kd)
+    cnt["d_in"] += np.bincount(da[ok & ifg], minlength=kd)
+    ok = valid & (ca >= 0)
+    comb = gid * kc + ca
+    cnt["c_all"] += np.bincount(comb[ok], minlength=g * kc)
+    cnt["c_in"] += np.bincount(comb[ok & ifg], minlength=g * kc)
+  cnt = sharding.host_sum(cnt)
+
+  def table(inside, counts, shape):
+    c32 = jnp.asarray(counts, jnp.float32)
+    share = jnp.where(c32 > 0, jnp.asarray(inside, jnp.float32) / jnp.maximum(c32, 1.0), 0.0)
+    return masks_lib._decide(share.reshape(shape), c32.reshape(shape), 0.5, 0.25)
+
+  dat_table = table(cnt["d_in"], cnt["d_all"], (1, kd))[0]
+  cat_table = table(cnt["c_in"], cnt["c_all"], (g, kc))
+
+  # 5. Pass 3: consistency, probability, save.
+  sums = dict(f=np.zeros(d), nf=np.zeros(()), b=np.zeros(d), nb=np.zeros(()))
+  deferred = {}
+  bar = _bar(None, total=len(local_ids), desc="masks: consistency", enabled=progress)
+  for g0, cids, keys, valid, _ in chunks():
+    n = len(cids)
+    x = np.asarray(_normalize(keys))
+    da, ca = assignments(x.reshape(chunk * p, d), valid, g0, n)
+    grp = np.pad(groups[g0:g0 + n], (0, chunk - n)).astype(np.int32)
+    out = _chunk_consistent(
+        jnp.asarray(x), jnp.asarray(valid), jnp.asarray(unpacked(cids)), jnp.asarray(da),
+        jnp.asarray(ca), jnp.asarray(grp), dat_table, cat_table, g=g, rule=cfg.rule,
+        dilate=cfg.dilate, min_region_patches=cfg.min_region_patches, connectivity=4,
+        min_image_share=0.2)
+    out = jax.device_get(out)
+    prob = np.asarray(_chunk_prob(keys, out["consistent"], valid, out["fg_c"], out["bg_c"],
+                                  temperature=temperature))
+    ifg = unpacked(cids)
+    for b, i in enumerate(cids):
+      sums["f"] += out["fg_c"][b].astype(np.float64) * out["n_f"][b]
+      sums["nf"] += out["n_f"][b]
+      sums["b"] += out["bg_c"][b].astype(np.float64) * out["n_b"][b]
+      sums["nb"] += out["n_b"][b]
+      h, w = grids[g0 - start + b]
+      arrays = {"image": ifg[b, :h, :w], "category": out["category"][b, :h, :w],
+                "dataset": out["dataset"][b, :h, :w],
+                "consistent": out["consistent"][b, :h, :w], "prob": prob[b, :h, :w],
+                "group": groups[g0 + b], "orig_hw": meta[g0 - start + b]["orig_hw"]}
+      if out["n_f"][b] > 0 and out["n_b"][b] > 0:
+        stage.save(i, arrays)
+      else:   # needs the dataset mean of fg / bg Keys, known after the pass
+        deferred[i] = (arrays, out["fg_c"][b], out["n_f"][b], out["bg_c"][b], out["n_b"][b])
+    bar.update(n)
+  bar.close()
+  sums = sharding.host_sum(sums)
+  all_f = (sums["f"] / max(sums["nf"], 1.0)).astype(np.float32)
+  all_b = (sums["b"] / max(sums["nb"], 1.0)).astype(np.float32)
+  for i, (arrays, fg_c, n_f, bg_c, n_b) in deferred.items():
+    f = _load_fields(feat_stage, i, ("keys",))["keys"]
+    h, w = arrays["consistent"].shape
+    keys = np.zeros((1, hm, wm, d), np.float32)
+    keys[0, :h, :w] = f.reshape(h, w, d)
+    valid = np.zeros((1, hm, wm), bool)
+    valid[0, :h, :w] = True
+    final = np.zeros((1, hm, wm), bool)
+    final[0, :h, :w] = arrays["consistent"]
+    fg_c = fg_c if n_f > 0 else all_f
+    bg_c = bg_c if n_b > 0 else all_b
+    prob = np.asarray(_chunk_prob(keys.reshape(1, p, d), final, valid, fg_c[None],
+                                  bg_c[None], temperature=temperature))
+    stage.save(i, dict(arrays, prob=prob[0, :h, :w]))
+  return dict(dataset_centroids=dat_centroids, category_centroids=cat_centroids,
+              groups=groups, dataset_table=np.asarray(dat_table),
+              category_table=np.asarray(cat_table), grid=(hm, wm))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -308,17 +743,18 @@ def make_refine_fn(crf_params, backend, enabled: bool):
   return jax.jit(jax.vmap(one))
 
 
-def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True):
+def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
+               mesh=None):
   """Upsampling + CRF of every image's soft mask; stores the refined boolean mask."""
   todo = [it for it in items if not stage.has(it.id)]
   if not todo:
     return
   params = crf_lib.get_params(cfg.preset)
   backend = None if cfg.backend == "default" else cfg.backend
-  fn = make_refine_fn(params, backend, cfg.enabled)
+  fn = _parallel(make_refine_fn(params, backend, cfg.enabled), mesh, None)
   bar = _bar(None, total=len(todo), desc="refine (CRF)" if cfg.enabled else "upsample",
              enabled=progress)
-  batch = 2
+  batch = _mesh_batch(2, mesh)
 
   def flush(shape, group):
     hb, wb = shape
@@ -377,7 +813,7 @@ def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, b
 
 
 def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, params, arch,
-                cfg, bucket_pixels: int, dtype="float32", progress=True) -> None:
+                cfg, bucket_pixels: int, dtype="float32", progress=True, mesh=None) -> None:
   """Object regions and crop CLS descriptors of every image not yet in `stage`."""
   todo = [it for it in items if not stage.has(it.id)]
   if not todo:
@@ -386,8 +822,9 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
                        min_region_pixels=cfg.min_region_pixels,
                        whole_foreground=cfg.whole_foreground, box_margin=cfg.box_margin,
                        crop_size=cfg.crop_size, dtype=_dtype(dtype))
+  fn = _parallel(fn, mesh, (1, 2, 3))
   bar = _bar(None, total=len(todo), desc="regions", enabled=progress)
-  batch = 2
+  batch = _mesh_batch(2, mesh)
 
   def flush(shape, group):
     hb, wb = shape
@@ -410,9 +847,28 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
   bar.close()
 
 
-def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int):
-  """k-means of all region descriptors of the set; returns {id: class id per region slot}."""
-  loaded = [region_stage.load(i) for i in ids]
+def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
+                   local_range: tuple[int, int] | None = None):
+  """k-means of all region descriptors of the set; returns {id: class id per region slot}.
+
+  Multi-host: this host holds the regions of `ids[start:end]` (`local_range`); the
+  descriptors (small: max_regions x D per image) are all-gathered, every host runs the same
+  k-means and keeps the classes of its own images.
+  """
+  start, end = (0, len(ids)) if local_range is None else local_range
+  loaded = [region_stage.load(i) for i in ids[start:end]]
+  if jax.process_count() > 1:
+    from lightcluster_jax import sharding
+    r = int(sharding.host_max(np.asarray(len(loaded[0]["valid"]) if loaded else 0)))
+    dd = int(sharding.host_max(np.asarray(loaded[0]["descriptors"].shape[-1] if loaded else 0)))
+    desc = _gather_rows(np.stack([x["descriptors"] for x in loaded]).astype(np.float32)
+                        if loaded else np.zeros((0, r, dd), np.float32), start, len(ids))
+    valid = _gather_rows(np.stack([x["valid"] for x in loaded]) if loaded else
+                         np.zeros((0, r), bool), start, len(ids))
+    loaded = [dict(descriptors=a, valid=b) for a, b in zip(desc, valid)]
+    ids = list(ids)
+  else:
+    ids = list(ids[start:end])
   if not loaded:
     return {}
   desc = np.concatenate([r["descriptors"] for r in loaded])
@@ -449,15 +905,26 @@ def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence
 
 def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params, arch=None,
             out_dir: os.PathLike | None = None, weights_id: str = "unknown",
-            progress: bool = True) -> dict:
+            progress: bool = True, mesh=None) -> dict:
   """Runs every stage over `items`; writes outputs under `out_dir` (None: in memory).
+
+  Scale-out: the per-image stages run data-parallel over `mesh` (default: all local devices
+  when there are several; `sharding.local_mesh()`), the masks stage is streamed
+  (`config.clustering.chunk_images`). In a multi-host run (`sharding.initialize` called
+  first) every process passes the *same* full `items` list; each processes and writes its
+  own `sharding.host_shard(items)` (give each host its own `out_dir`, or a shared one), and
+  the dataset-level statistics are combined across hosts. The returned labels are this
+  host's images.
 
   Returns:
     dict with "labels" {id: [H, W] uint8 label map (0 = background, class + 1)}, "masks"
     {id: per-stage patch masks}, "skipped" {id: reason}, "timings" {stage: seconds},
     "stage_keys", "num_regions".
   """
+  from lightcluster_jax import sharding
   arch = arch or config.arch
+  if mesh is None and jax.local_device_count() > 1:
+    mesh = sharding.local_mesh()
   root = None if out_dir is None else pathlib.Path(out_dir) / "cache"
   timings, skipped = {}, {}
   ids = [it.id for it in items]
@@ -466,49 +933,69 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
   fp = {it.id: it.fingerprint for it in items}
   keys = stage_keys(config, weights_id, ids, [fp[i] for i in sorted(ids)])
   meta = {"config": config.to_dict(), "weights": weights_id}
+  multi = jax.process_count() > 1
+  my_items = sharding.host_shard(items) if multi else list(items)
 
   t = time.perf_counter()
   feat_stage = Stage(root, "features", keys["features"], meta)
-  ok_ids = run_features(feat_stage, items, params=params, arch=arch, cfg=config.features,
-                        progress=progress, skipped=skipped)
+  my_ok = run_features(feat_stage, my_items, params=params, arch=arch, cfg=config.features,
+                       progress=progress, skipped=skipped, mesh=mesh)
+  if multi:   # every host learns which images the others could read
+    flags = np.isin(np.asarray(ids), np.asarray(my_ok, dtype=object)).astype(np.int64)
+    ok_ids = [i for i, f in zip(ids, sharding.host_sum(flags)) if f > 0]
+  else:
+    ok_ids = my_ok
   timings["features"] = time.perf_counter() - t
   if not ok_ids:
     raise ValueError("no readable images to segment" +
                      (f" (skipped: {', '.join(skipped)})" if skipped else ""))
   if set(ok_ids) != set(ids):  # the set changed: dataset-level stages are keyed by it
     keys = stage_keys(config, weights_id, ok_ids, [fp[i] for i in sorted(ok_ids)])
-  ok_items = [it for it in items if it.id in set(ok_ids)]
+  mine = set(my_ok)
+  positions = [n for n, i in enumerate(ok_ids) if i in mine]
+  local_range = (positions[0], positions[-1] + 1) if positions else (0, 0)
+  if multi:
+    # host_shard of the items is contiguous, so is its part of ok_ids; an empty host's
+    # range is placed after the others' so the collectives see consistent ranges.
+    if not positions:
+      first = sharding.host_shard_bounds(len(items))[0]
+      n_before = sum(1 for it in items[:first] if it.id in set(ok_ids))
+      local_range = (n_before, n_before)
+  ok_items = [it for it in my_items if it.id in mine]
+  my_ids = list(ok_ids[local_range[0]:local_range[1]])
 
   t = time.perf_counter()
   mask_stage = Stage(root, "masks", keys["masks"], meta)
   run_masks(mask_stage, feat_stage, ok_ids, cfg=config.clustering, seed=config.seed,
-            temperature=config.upsample.temperature, progress=progress)
+            temperature=config.upsample.temperature, progress=progress, mesh=mesh,
+            local_range=local_range)
   timings["masks"] = time.perf_counter() - t
 
   t = time.perf_counter()
   refine_stage = Stage(root, "refine", keys["refine"], meta)
-  run_refine(refine_stage, mask_stage, ok_items, cfg=config.crf, progress=progress)
+  run_refine(refine_stage, mask_stage, ok_items, cfg=config.crf, progress=progress, mesh=mesh)
   timings["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
   region_stage = Stage(root, "regions", keys["regions"], meta)
   run_regions(region_stage, refine_stage, ok_items, params=params, arch=arch,
               cfg=config.assign, bucket_pixels=config.crf.bucket_pixels,
-              dtype=config.features.dtype, progress=progress)
+              dtype=config.features.dtype, progress=progress, mesh=mesh)
   timings["regions"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  classes = assign_classes(region_stage, ok_ids, cfg=config.assign, seed=config.seed)
+  classes = assign_classes(region_stage, ok_ids, cfg=config.assign, seed=config.seed,
+                           local_range=local_range)
   labels = {}
-  for item_id in ok_ids:
+  for item_id in my_ids:
     r = region_stage.load(item_id)
     labels[item_id] = np.asarray(assign_lib.paint_labels(
         jnp.asarray(r["regions"].astype(np.int32)), jnp.asarray(classes[item_id]))).astype(np.uint8)
   timings["labels"] = time.perf_counter() - t
   return {"labels": labels, "skipped": skipped, "timings": timings, "stage_keys": keys,
-          "ids": ok_ids, "stages": {"features": feat_stage, "masks": mask_stage,
+          "ids": my_ids, "stages": {"features": feat_stage, "masks": mask_stage,
                                     "refine": refine_stage, "regions": region_stage},
-          "num_regions": int(sum(int(region_stage.load(i)["valid"].sum()) for i in ok_ids))}
+          "num_regions": int(sum(int(region_stage.load(i)["valid"].sum()) for i in my_ids))}
 
 
 def write_outputs(result: dict, items: Sequence[Item], out_dir: os.PathLike, *,
