@@ -153,7 +153,10 @@ def _sample_proportional(key, p: jax.Array, num: int) -> jax.Array:
   """
   cdf = jnp.cumsum(p)
   u = jax.random.uniform(key, (num,)) * cdf[-1]
-  return jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, p.shape[0] - 1)
+  # searchsorted(cdf, u, side="right") as a count: for a few draws one vectorised compare
+  # is cheaper on CPU than the bisection while-loop (38 us -> ~3 us for N = 3136).
+  idx = jnp.sum(cdf[None, :] <= u[:, None], axis=1, dtype=jnp.int32)
+  return jnp.clip(idx, 0, p.shape[0] - 1)
 
 
 def _kmeans_plus_plus(key, x, x_sq, w, k: int, n_local_trials: int) -> jax.Array:
@@ -323,12 +326,24 @@ def _lloyd(x, w, centroids, tol_abs, max_iter: int, chunk: Optional[int], cosine
 
 def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_init: int,
                    max_iter: int, cosine: bool, n_local_trials: int,
-                   chunk_size: Optional[int] = None) -> KMeansResult:
-  """The whole fit for one point set (jit/vmap friendly; all configuration static)."""
+                   chunk_size: Optional[int] = None, special_k2: bool = True) -> KMeansResult:
+  """The whole fit for one point set (jit/vmap friendly; all configuration static).
+
+  With k=2 and no chunking the fit runs `_two_means` (same result, fewer passes over the
+  points); `special_k2=False` forces the general path (used by the tests to compare them).
+  """
   chunked = chunk_size is not None and x.shape[0] > chunk_size
   x = x.astype(jnp.float32)
   if cosine and not chunked:
     x = _l2_normalize(x)
+  if k == 2 and special_k2 and not chunked:
+    def one_run(run_key):
+      return _two_means(x, w, run_key, init_centroids, tol, init_mode=init_mode,
+                        max_iter=max_iter, n_local_trials=n_local_trials)
+    if n_init == 1:
+      return one_run(key)
+    runs = jax.vmap(one_run)(jax.random.split(key, n_init))
+    return jax.tree_util.tree_map(lambda a: a[jnp.argmin(runs.inertia)], runs)
   # Seeding and the tolerance see normalised points; chunked passes normalise on the fly.
   xs = _l2_normalize(x) if (cosine and chunked) else x
   xs_sq = jnp.sum(xs * xs, axis=-1)
@@ -359,7 +374,171 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
   return jax.tree_util.tree_map(lambda a: a[best], runs)
 
 
-_STATIC = ("k", "init_mode", "n_init", "max_iter", "cosine", "n_local_trials", "chunk_size")
+# ----------------------------------------------------------------------------------------------
+# k = 2 (image level): a specialised Lloyd with one matvec per iteration.
+
+
+# Sparse M-step: when few points changed cluster, the sums are updated from the changed rows
+# only (top_k compaction + gather of a fixed number of rows) instead of a pass over all
+# points. Measured on [3136, 384] sets (one core): a full pass 70 us; 64 rows 10 us, 320 rows
+# ~30 us. Above the last size the full pass is used.
+_K2_SPARSE_ROWS = (128,)
+
+
+class _TwoState(NamedTuple):
+  it: jax.Array
+  centroids: jax.Array   # [2, D]
+  labels: jax.Array      # [N] int32, nearest centroid of `centroids` (always up to date)
+  prev: jax.Array        # [N] int32, labels of the previous iteration (-1 at the start)
+  sum_labels: jax.Array  # [N] int32, the labels `sums` / `counts` belong to
+  sums: jax.Array        # [2, D] weighted sums of the points of each cluster of sum_labels
+  counts: jax.Array      # [2] weights of each cluster of sum_labels
+  done: jax.Array
+  final: jax.Array
+
+
+def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
+               n_local_trials: int) -> KMeansResult:
+  """One k=2 run (seeding + Lloyd + final assignment) with the same result as the general path.
+
+  For two centroids the assignment is the sign of a single matvec,
+
+  .. math::
+
+    a_i = [\\, \\lVert x_i - c_1 \\rVert^2 < \\lVert x_i - c_0 \\rVert^2 \\,]
+        = [\\, 2 x_i \\cdot (c_0 - c_1) + \\lVert c_1 \\rVert^2 - \\lVert c_0 \\rVert^2 < 0 \\,],
+
+  so an iteration reads the points once for the E-step (one matvec instead of an [N, 2]
+  distance matrix and an argmin). The M-step updates the cluster sums from the rows whose
+  label changed (top_k compaction + gather of a fixed number of rows; a full pass only when
+  many changed): S_1 += sum_i delta_i x_i, S_0 -= the same, with delta_i = +-w_i. The
+  k-means++ distances to both initial centroids are already known, so the first E-step is
+  free, and the first M-step's pass also yields the unweighted sum of the valid points for
+  the tolerance. The stopping rule, the empty-cluster rule and the final assignment are those
+  of `_lloyd`; the returned inertia is evaluated from the sums of the final clusters,
+
+  .. math::
+
+    J = \\sum_i w_i \\lVert x_i \\rVert^2 - 2 \\sum_j c_j \\cdot S_j
+        + \\sum_j n_j \\lVert c_j \\rVert^2,
+
+  instead of per point (same float32 cancellation as the per-point `||x||^2 - 2 x.c +
+  ||c||^2`, clamped at 0 only in total).
+
+  On CPU the cost per set is dominated by memory traffic: one pass brings the set into cache
+  (the copy out of the batch), then every pass over the set streams it from L3, so the
+  number of passes is what this function minimises (measured on [3136, 384] sets: seeding
+  4 passes, then about 1.3 per Lloyd iteration, versus ~3 per iteration in `_lloyd`).
+
+  Args:
+    x: [N, D] float32 (already normalised for cosine).
+    w: [N] float32 effective weights (0 = masked).
+    key: PRNG key of this run.
+    init_centroids: [2, D] (init_mode "array") or None.
+    tol: relative tolerance (scalar).
+    init_mode, max_iter, n_local_trials: as in `_kmeans_single`.
+
+  Returns:
+    KMeansResult of the run (centroids [2, D], assignment [N] with -1 for masked points).
+  """
+  n, d = x.shape
+  valid = w > 0
+  v = valid.astype(jnp.float32)
+  # Row norms first: this reduction is the pass that brings the points into cache.
+  x_sq = jnp.sum(x * x, axis=-1)
+  if init_mode == "k-means++":
+    key, sub = jax.random.split(key)
+    first = x[_sample_proportional(sub, w, 1)[0]]
+    closest = jnp.maximum(x_sq - 2.0 * jnp.einsum("nd,d->n", x, first, precision=_HI)
+                          + jnp.sum(first * first), 0.0)
+    key, sub = jax.random.split(key)
+    pot = w * closest
+    cand = _sample_proportional(sub, jnp.where(jnp.sum(pot) > 0, pot, w), n_local_trials)
+    dc = _sq_dists(x, x_sq, x[cand])                         # [N, T]
+    best = jnp.argmin(jnp.einsum("n,nt->t", w, jnp.minimum(dc, closest[:, None]),
+                                 precision=_HI))
+    c0 = jnp.stack([first, x[cand[best]]])
+    # The distances to both initial centroids are known: the first E-step is free.
+    labels = (dc[:, best] < closest).astype(jnp.int32)
+  else:
+    c0 = (_random_init(key, x, w, 2) if init_mode == "random"
+          else init_centroids.astype(jnp.float32))
+    dd = _sq_dists(x, x_sq, c0)
+    labels = (dd[:, 1] < dd[:, 0]).astype(jnp.int32)
+
+  # The first M-step's sums, with the unweighted sum of the valid points (tolerance).
+  lf = labels.astype(jnp.float32)
+  cols = jnp.stack([w * (1.0 - lf), w * lf, v], axis=1)                 # [N, 3]
+  rows = jnp.einsum("nr,nd->rd", cols, x, precision=_HI)
+  sums0, counts0 = rows[:2], jnp.sum(cols[:, :2], axis=0)
+  n_v = jnp.maximum(jnp.sum(v), 1.0)
+  mean_v = rows[2] / n_v
+  tol_abs = tol * jnp.maximum(jnp.sum(v * x_sq) / n_v - jnp.sum(mean_v * mean_v), 0.0) / d
+  w_sq = jnp.sum(w * x_sq)
+  sizes = sorted({min(r, n) for r in _K2_SPARSE_ROWS})
+
+  def update_sums(new_labels, old_labels, sums, counts):
+    """Sums / counts of `new_labels` from those of `old_labels` (same labels: unchanged)."""
+    delta = w * (new_labels - old_labels).astype(jnp.float32)    # +w: moved to cluster 1
+    num = jnp.sum(delta != 0)
+
+    def sparse(rows):
+      def f(_):
+        # The changed rows have the largest |delta|; the other picks have delta = 0.
+        idx = jax.lax.top_k(jnp.abs(delta), rows)[1]
+        moved = jnp.einsum("m,md->d", delta[idx], x[idx], precision=_HI)
+        dn = jnp.sum(delta[idx])
+        return sums + jnp.stack([-moved, moved]), counts + jnp.stack([-dn, dn])
+      return f
+
+    def dense(_):
+      lf = new_labels.astype(jnp.float32)
+      cols = jnp.stack([w * (1.0 - lf), w * lf], axis=1)
+      return jnp.einsum("nr,nd->rd", cols, x, precision=_HI), jnp.sum(cols, axis=0)
+
+    branch = jnp.sum(num > jnp.asarray(sizes)) + (num > 0)
+    return jax.lax.switch(branch, [lambda _: (sums, counts)] + [sparse(r) for r in sizes]
+                          + [dense], None)
+
+  def estep(c):
+    u = jnp.einsum("nd,d->n", x, c[0] - c[1], precision=_HI)
+    c_sq = jnp.sum(c * c, axis=-1)
+    return (2.0 * u + (c_sq[1] - c_sq[0]) < 0).astype(jnp.int32)
+
+  def relocate(labels, c, sums, counts):
+    dist = jnp.min(_sq_dists(x, x_sq, c), axis=1)
+    return _relocate_empty(x, w, labels, dist, sums, counts)
+
+  def cond(s):
+    return (s.it < max_iter) & ~s.done
+
+  def body(s):
+    sums, counts = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
+    reseed = jnp.any(counts <= 0)
+    rs, rc = jax.lax.cond(reseed, relocate, lambda *a: (a[-2], a[-1]),
+                          s.labels, s.centroids, sums, counts)
+    new = jnp.where(rc[:, None] > 0, rs / jnp.where(rc > 0, rc, 1.0)[:, None], s.centroids)
+    strict = jnp.all((s.labels == s.prev) | ~valid)
+    shift = jnp.sum((new - s.centroids) ** 2)
+    final = strict & ~reseed
+    # Unchanged labels without re-seeding: `new` equals the centroids the labels were
+    # computed with, so the E-step for the next iteration / the final assignment is skipped.
+    labels = jax.lax.cond(final, lambda c: s.labels, estep, new)
+    return _TwoState(s.it + 1, new, labels, s.labels, s.labels, sums, counts,
+                     strict | (shift <= tol_abs), final)
+
+  init = _TwoState(jnp.int32(0), c0, labels, jnp.full((n,), -1, jnp.int32), labels,
+                   sums0, counts0, jnp.asarray(False), jnp.asarray(False))
+  s = jax.lax.while_loop(cond, body, init)
+  sums, counts = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
+  c = s.centroids
+  inertia = w_sq - 2.0 * jnp.sum(c * sums) + jnp.sum(counts * jnp.sum(c * c, axis=-1))
+  return KMeansResult(c, jnp.where(valid, s.labels, -1), jnp.maximum(inertia, 0.0), s.it,
+                      s.done)
+
+
+_STATIC = ("k", "init_mode", "n_init", "max_iter", "cosine", "n_local_trials", "chunk_size",
+           "special_k2")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
