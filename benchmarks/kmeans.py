@@ -17,7 +17,8 @@
     method is recomputed on all points with the same NumPy evaluator.
 
 Timings are medians over `--repeats` runs after a warm-up (our compile time is reported
-separately). Every part runs in its own subprocess with the same thread budget
+separately); part (a) interleaves `--img-repeats` runs of ours and of the scikit-learn loop so
+that both see the same machine load. Every part runs in its own subprocess with the same thread budget
 (`--threads`, default 1: OMP/BLAS threads for scikit-learn and faiss, XLA's Eigen pool off for
 ours). On a machine shared with other jobs, OpenMP spin-waiting made the multi-threaded
 baselines 5-10x slower than single-threaded ones, so the default compares one thread each;
@@ -27,6 +28,7 @@ object.
 Usage:
   python benchmarks/kmeans.py                    # full run (~15 min on this 2-core machine)
   python benchmarks/kmeans.py --quick            # small sizes, a smoke test (~3 min)
+  python benchmarks/kmeans.py --only image       # part (a) only (~30 s)
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def _thread_env(threads: int) -> dict:
 
 def _run_worker(args, extra: list) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--repeats", str(args.repeats),
-         "--threads", str(args.threads)] + extra
+         "--img-repeats", str(args.img_repeats), "--threads", str(args.threads)] + extra
   proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
   if proc.returncode != 0:
     raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-3000:]}")
@@ -156,34 +158,45 @@ def bench_image_level(args) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(run())
   compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    res = jax.block_until_ready(run())
-    times.append(time.perf_counter() - t0)
-  ours_t = _median(times)
-  ours_inertia = float(np.sum(np.asarray(res.inertia, np.float64)))
 
-  sk_times, sk_inertia, sk_iters = [], 0.0, []
-  for r in range(args.repeats):
-    t0 = time.perf_counter()
+  def sklearn_loop():
     inertia, iters = 0.0, []
     for i in range(b):
       m = KMeans(2, init="k-means++", n_init=1, max_iter=100, tol=1e-4, algorithm="lloyd",
                  random_state=i).fit(x[i])
       inertia += m.inertia_
       iters.append(m.n_iter_)
+    return inertia, iters
+
+  sklearn_loop()                                                 # warm-up (imports, caches)
+  # Interleaved repeats: on a shared machine both sides see the same load.
+  # CPU time (this process, all threads) is reported too: it is less sensitive than wall
+  # time to other jobs taking the cores away.
+  times, sk_times, cpu, sk_cpu = [], [], [], []
+  for _ in range(args.img_repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = jax.block_until_ready(run())
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    sk_inertia, sk_iters = sklearn_loop()
     sk_times.append(time.perf_counter() - t0)
-    sk_inertia, sk_iters = inertia, iters
-  sk_t = _median(sk_times)
+    sk_cpu.append(time.process_time() - c0)
+  ours_t, sk_t = _median(times), _median(sk_times)
+  ours_inertia = float(np.sum(np.asarray(res.inertia, np.float64)))
   return dict(
-      sets=b, points=n, dim=d, k=2,
+      sets=b, points=n, dim=d, k=2, repeats=args.img_repeats,
       ours_s=ours_t, sklearn_s=sk_t, ours_compile_s=compile_s,
+      ours_ms_per_set=1e3 * ours_t / b, sklearn_ms_per_set=1e3 * sk_t / b,
       speedup_vs_sklearn=sk_t / ours_t,
+      speedup_per_repeat=[s / o for s, o in zip(sk_times, times)],
+      ours_cpu_ms_per_set=1e3 * _median(cpu) / b, sklearn_cpu_ms_per_set=1e3 * _median(sk_cpu) / b,
+      speedup_vs_sklearn_cpu_time=_median(sk_cpu) / _median(cpu),
       ours_inertia=ours_inertia, sklearn_inertia=sk_inertia,
       inertia_rel_diff=ours_inertia / sk_inertia - 1.0,
       ours_mean_iterations=float(np.mean(np.asarray(res.iterations))),
-      sklearn_mean_iterations=float(np.mean(sk_iters)))
+      sklearn_mean_iterations=float(np.mean(sk_iters)),
+      load_avg=os.getloadavg()[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +290,11 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
   p.add_argument("--skip-image", action="store_true")
   p.add_argument("--skip-dataset", action="store_true")
+  p.add_argument("--only", choices=("image", "dataset"),
+                 help="run only part (a) 'image' or part (b) 'dataset'")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--img-repeats", type=int, default=9,
+                 help="interleaved repeats of part (a) (ours, then the scikit-learn loop)")
   p.add_argument("--epochs", type=int, default=10)
   p.add_argument("--sample", type=int, default=65_536)
   p.add_argument("--tmp", default=None, help="folder for the temporary data file")
@@ -291,6 +308,10 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=2_000_000, help=argparse.SUPPRESS)
   p.add_argument("--dim", type=int, default=384, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.only == "image":
+    args.skip_dataset = True
+  elif args.only == "dataset":
+    args.skip_image = True
   args.img_sets, args.img_points = (64, 3136) if not args.quick else (8, 3136)
   if args.worker:
     print(json.dumps(worker(args)))

@@ -455,3 +455,102 @@ def test_sharded_lloyd_step_matches_single_device(tmp_path):
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The k=2 special path (`_two_means`) against the general Lloyd path.
+
+
+def _k2_both(x, w, keys, init=None, *, init_mode="array", n_init=1, max_iter=100, tol=1e-4,
+             cosine=False):
+  """(general, special) results of the batched fit on [B, N, D] with effective weights w."""
+  shared = init is None or np.ndim(init) == 2
+  out = []
+  for special in (False, True):
+    out.append(km._batched_jit(
+        jnp.asarray(x), jnp.asarray(w, jnp.float32), keys,
+        None if init is None else jnp.asarray(init, jnp.float32), jnp.float32(tol),
+        batch_size=1, shared_init=shared, k=2, init_mode=init_mode, n_init=n_init,
+        max_iter=max_iter, cosine=cosine, n_local_trials=2, chunk_size=None,
+        special_k2=special))
+  return out
+
+
+def _assert_k2_same(gen, spe, w, atol=1e-5):
+  np.testing.assert_array_equal(np.asarray(spe.assignment), np.asarray(gen.assignment))
+  np.testing.assert_allclose(np.asarray(spe.centroids), np.asarray(gen.centroids), atol=atol)
+  np.testing.assert_allclose(np.asarray(spe.inertia), np.asarray(gen.inertia), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(spe.iterations), np.asarray(gen.iterations))
+  np.testing.assert_array_equal(np.asarray(spe.converged), np.asarray(gen.converged))
+  assert np.all(np.asarray(spe.assignment)[np.asarray(w) <= 0] == -1)
+
+
+def _k2_sets(b=6, n=240, d=16, seed=0):
+  """Padded, masked, weighted sets: two overlapping groups + masked far-away garbage rows."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b, n, d)).astype(np.float32)
+  centre = rng.normal(size=(b, 1, d)).astype(np.float32) * 1.5
+  grp = rng.random((b, n)) < rng.uniform(0.2, 0.6, (b, 1))
+  x = x + np.where(grp[..., None], centre, 0.0).astype(np.float32)
+  sizes = rng.integers(n // 2, n + 1, b)
+  sizes[0] = n
+  mask = np.arange(n)[None] < sizes[:, None]
+  x = np.where(mask[..., None], x, rng.normal(50.0, 20.0, x.shape)).astype(np.float32)
+  w = np.where(mask, rng.uniform(0.2, 3.0, (b, n)), 0.0).astype(np.float32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(11), i))(jnp.arange(b))
+  return x, w, mask, keys
+
+
+def test_k2_path_equals_general_same_init_masked_weighted_padded():
+  x, w, mask, keys = _k2_sets()
+  init = np.stack([x[i, [0, 1]] for i in range(len(x))])          # per-set init [B, 2, D]
+  gen, spe = _k2_both(x, w, keys, init)
+  _assert_k2_same(gen, spe, w)
+  assert np.all(np.asarray(spe.iterations) > 1)                    # real Lloyd runs
+  # And the oracle: NumPy inertia of the returned partition.
+  for i in range(len(x)):
+    a = np.asarray(spe.assignment[i])
+    m = mask[i]
+    np.testing.assert_allclose(float(spe.inertia[i]),
+                               np_inertia(x[i][m], spe.centroids[i], a[m], w[i][m]), rtol=1e-4)
+  # Unit weights (mask only), cosine, and a tolerance stop / max_iter stop.
+  w1 = mask.astype(np.float32)
+  _assert_k2_same(*_k2_both(x, w1, keys, init, cosine=True), w1)
+  _assert_k2_same(*_k2_both(x, w1, keys, init, tol=0.5), w1)
+  for max_iter in (0, 1, 2):
+    _assert_k2_same(*_k2_both(x, w, keys, init, max_iter=max_iter), w)
+
+
+def test_k2_path_equals_general_kmeans_plus_plus_random_and_n_init():
+  x, w, mask, keys = _k2_sets(seed=1)
+  _assert_k2_same(*_k2_both(x, w, keys, None, init_mode="k-means++"), w)
+  # With n_init > 1 several runs reach the same optimum (often with the two labels swapped)
+  # and their inertias differ only by rounding, so the pick among them may differ: compare
+  # partitions, and centroids up to the label swap.
+  for mode, n_init in (("k-means++", 3), ("random", 2)):
+    gen, spe = _k2_both(x, w, keys, None, init_mode=mode, n_init=n_init)
+    np.testing.assert_allclose(np.asarray(spe.inertia), np.asarray(gen.inertia), rtol=1e-5)
+    for i in range(len(x)):
+      a, b = np.asarray(spe.assignment[i]), np.asarray(gen.assignment[i])
+      assert same_partition(a, b)
+      cs, cg = np.asarray(spe.centroids[i]), np.asarray(gen.centroids[i])
+      if a[mask[i]][0] != b[mask[i]][0]:
+        cs = cs[::-1]
+      np.testing.assert_allclose(cs, cg, atol=1e-5)
+
+
+def test_k2_path_empty_cluster_and_sparse_updates(monkeypatch):
+  # A far-away initial centroid gets no point: re-seeded by the farthest-point rule in both
+  # paths (never with a masked point).
+  x, w, mask, keys = _k2_sets(b=3, n=200, seed=2)
+  init = np.stack([x[:, 0], np.full_like(x[:, 0], -1e3)], axis=1)
+  gen, spe = _k2_both(x, w, keys, init)
+  _assert_k2_same(gen, spe, w)
+  assert np.abs(np.asarray(spe.centroids)).max() < 40
+  # Tiny sparse-update sizes (a shape of its own, so this compiles afresh): the incremental
+  # sums go through every branch (no change / few rows / full pass) and stay exact.
+  monkeypatch.setattr(km, "_K2_SPARSE_ROWS", (1, 3, 16))
+  x, w, mask, keys = _k2_sets(b=4, n=203, seed=3)
+  init = np.stack([x[i, [0, 1]] for i in range(len(x))])
+  _assert_k2_same(*_k2_both(x, w, keys, init), w)
+  _assert_k2_same(*_k2_both(x, w, keys, None, init_mode="k-means++"), w)
