@@ -307,18 +307,21 @@ def _load_fields(stage: Stage, item_id: str, fields: Sequence[str]) -> dict:
 
 
 def _gather_rows(local: np.ndarray, start: int, n_total: int) -> np.ndarray:
-  """Rows [n_local, ...] of this host (global rows start..) -> all rows [n_total, ...]."""
+  """Rows [n_local, ...] of this host (global rows start..) -> all rows [n_total, ...].
+
+  Every host calls it (lock-step); the hosts' row ranges must partition [0, n_total).
+  """
   if jax.process_count() == 1:
     return local
   from lightcluster_jax import sharding
-  cap = -(-n_total // jax.process_count()) + 1
+  ranges = sharding.host_gather(np.asarray([start, len(local)], np.int64))
+  cap = max(1, int(ranges[:, 1].max()))
   buf = np.zeros((cap,) + local.shape[1:], local.dtype)
   buf[:len(local)] = local
   got = sharding.host_gather(buf)
   out = np.zeros((n_total,) + local.shape[1:], local.dtype)
-  for h in range(jax.process_count()):
-    s, e = sharding.host_shard_bounds(n_total, index=h)
-    out[s:e] = got[h][:e - s]
+  for h, (s, n) in enumerate(ranges):
+    out[s:s + n] = got[h][:n]
   return out
 
 
