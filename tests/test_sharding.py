@@ -41,6 +41,7 @@ WORKER = textwrap.dedent("""
     sharding.initialize(args["coordinator"], args["num_processes"], args["process_id"],
                         initialization_timeout=60)
   import jax, numpy as np
+  jax.config.update("jax_disable_most_optimizations", True)   # as the reference fixture
   from lightcluster_jax import pipeline, vit, kmeans as km
   from test_pipeline import ARCH, _synthetic, tiny_config
   images = [_synthetic(*hw, seed=i) for i, hw in enumerate(args["sizes"])]
@@ -100,9 +101,18 @@ def images():
 
 @pytest.fixture(scope="module")
 def reference(images, params):
-  """1 device, 1 process, masks streamed (the default chunk size)."""
-  res = pipeline.segment(tiny_config(), pipeline.items_from_arrays(images), params=params,
-                         arch=ARCH, weights_id="test", progress=False)
+  """1 device, 1 process, masks streamed (the default chunk size).
+
+  Tiny problems are dominated by compile time, so this and the workers compile with most
+  XLA optimizations off (the same setting on both sides of each comparison).
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    res = pipeline.segment(tiny_config(), pipeline.items_from_arrays(images), params=params,
+                           arch=ARCH, weights_id="test", progress=False)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
   masks = {i: res["stages"]["masks"].load(i) for i in res["ids"]}
   return res, masks
 
@@ -214,7 +224,7 @@ def test_data_parallel_on_one_device_is_the_function(params):
 # ----------------------------------------------------------------------------- streamed masks
 
 
-def test_streamed_masks_equal_in_memory(features):
+def test_streamed_masks_equal_in_memory(features, fast_compile):
   """Exact: same image-level keys, padded grid, samples and k-means inputs."""
   _, ids = features
   ref = _masks(features, chunk_images=0)
