@@ -156,7 +156,8 @@ def _sample_proportional(key, p: jax.Array, num: int) -> jax.Array:
   # searchsorted(cdf, u, side="right") as a count: for a few draws one vectorised compare
   # is cheaper on CPU than the bisection while-loop (38 us -> ~3 us for N = 3136).
   idx = jnp.sum(cdf[None, :] <= u[:, None], axis=1, dtype=jnp.int32)
-  return jnp.clip(idx, 0, p.shape[0] - 1)
+  # Materialised: fused into a gather consumer, the count would be redone per element.
+  return jax.lax.optimization_barrier(jnp.clip(idx, 0, p.shape[0] - 1))
 
 
 def _kmeans_plus_plus(key, x, x_sq, w, k: int, n_local_trials: int) -> jax.Array:
@@ -393,7 +394,6 @@ class _TwoState(NamedTuple):
   it: jax.Array
   centroids: jax.Array   # [2, D]
   labels: jax.Array      # [N] int32, nearest centroid of `centroids` (always up to date)
-  prev: jax.Array        # [N] int32, labels of the previous iteration (-1 at the start)
   sum_labels: jax.Array  # [N] int32, the labels `sums` / `counts` belong to
   sums: jax.Array        # [2, D] weighted sums of the points of each cluster of sum_labels
   counts: jax.Array      # [2] weights of each cluster of sum_labels
@@ -519,7 +519,8 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
   sizes = sorted({min(r, n) for r in _K2_SPARSE_ROWS})
 
   def update_sums(new_labels, old_labels, sums, counts):
-    """Sums / counts of `new_labels` from those of `old_labels` (same labels: unchanged)."""
+    """Sums / counts of `new_labels` from those of `old_labels`, and the number of valid
+    points whose label differs."""
     delta = w * (new_labels - old_labels).astype(jnp.float32)    # +w: moved to cluster 1
     num = jnp.sum(delta != 0)
 
@@ -539,7 +540,7 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
 
     branch = jnp.sum(num > jnp.asarray(sizes)) + (num > 0)
     return jax.lax.switch(branch, [lambda _: (sums, counts)] + [sparse(r) for r in sizes]
-                          + [dense], None)
+                          + [dense], None) + (num,)
 
   def estep(c):
     u = mv((c[0] - c[1])[None])[:, 0]
@@ -554,24 +555,27 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
     return (s.it < max_iter) & ~s.done
 
   def body(s):
-    sums, counts = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
+    sums, counts, num = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
     reseed = jnp.any(counts <= 0)
     rs, rc = jax.lax.cond(reseed, relocate, lambda *a: (a[-2], a[-1]),
                           s.labels, s.centroids, sums, counts)
     new = jnp.where(rc[:, None] > 0, rs / jnp.where(rc > 0, rc, 1.0)[:, None], s.centroids)
-    strict = jnp.all((s.labels == s.prev) | ~valid)
+    # Labels unchanged since the previous iteration (sum_labels; in the first iteration
+    # nothing is "unchanged" unless there is no valid point, as in `_lloyd`).
+    strict = jnp.where(s.it == 0, no_valid, num == 0)
     shift = jnp.sum((new - s.centroids) ** 2)
     final = strict & ~reseed
     # Unchanged labels without re-seeding: `new` equals the centroids the labels were
     # computed with, so the E-step for the next iteration / the final assignment is skipped.
     labels = jax.lax.cond(final, lambda c: s.labels, estep, new)
-    return _TwoState(s.it + 1, new, labels, s.labels, s.labels, sums, counts,
+    return _TwoState(s.it + 1, new, labels, s.labels, sums, counts,
                      strict | (shift <= tol_abs), final)
 
-  init = _TwoState(jnp.int32(0), c0, labels, jnp.full((n,), -1, jnp.int32), labels,
-                   sums0, counts0, jnp.asarray(False), jnp.asarray(False))
+  no_valid = ~jnp.any(valid)
+  init = _TwoState(jnp.int32(0), c0, labels, labels, sums0, counts0, jnp.asarray(False),
+                   jnp.asarray(False))
   s = jax.lax.while_loop(cond, body, init)
-  sums, counts = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
+  sums, counts, _ = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
   c = s.centroids
   inertia = w_sq - 2.0 * jnp.sum(c * sums) + jnp.sum(counts * jnp.sum(c * c, axis=-1))
   return KMeansResult(c, jnp.where(valid, s.labels, -1), jnp.maximum(inertia, 0.0), s.it,
