@@ -385,9 +385,9 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
 
 # Sparse M-step: when few points changed cluster, the sums are updated from the changed rows
 # only (top_k compaction + gather of a fixed number of rows) instead of a pass over all
-# points. Measured on [3136, 384] sets (one core): a full pass 70 us; 64 rows 10 us, 320 rows
-# ~30 us. Above the last size the full pass is used.
-_K2_SPARSE_ROWS = (128,)
+# points. Measured on [3136, 384] sets (one core, idle machine): a full pass ~70-90 us;
+# 64 rows ~10 us, 256 rows ~20 us, 512 rows ~50 us (no better than the pass).
+_K2_SPARSE_ROWS = (64, 256)
 
 
 class _TwoState(NamedTuple):
