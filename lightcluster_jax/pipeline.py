@@ -388,6 +388,13 @@ def _chunk_image_level(keys, valid, attn, image_ids, k_img, *, k_image, n_init_i
   return img["fg"]
 
 
+@functools.lru_cache(maxsize=16)
+def _image_level_fn(k_image, n_init_image, max_iter):
+  """One callable per setting, so `sharding.data_parallel` reuses its compiled wrapper."""
+  return functools.partial(_chunk_image_level, k_image=k_image, n_init_image=n_init_image,
+                           max_iter=max_iter)
+
+
 @jax.jit
 def _normalize(keys):
   return kmeans_lib._l2_normalize(keys.astype(jnp.float32))
@@ -522,8 +529,7 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
     cat_top = _TopK(int(cat_fit), d, with_groups=True)
   all_x = [] if not (dat_sampled and cat_sampled) else None
   image_fg = {}
-  image_fn = functools.partial(_chunk_image_level, k_image=cfg.k_image,
-                               n_init_image=cfg.n_init, max_iter=100)
+  image_fn = _image_level_fn(int(cfg.k_image), int(cfg.n_init), 100)
   if mesh is not None and sharding.mesh_size(mesh) > 1:
     image_fn = sharding.data_parallel(image_fn, mesh, batch_argnums=(0, 1, 2, 3))
   bar = _bar(None, total=len(local_ids), desc="masks: image level", enabled=progress)

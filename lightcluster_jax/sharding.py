@@ -48,7 +48,7 @@ from lightcluster_jax import kmeans as _km
 
 __all__ = [
     "AXIS", "initialize", "process_index", "process_count", "data_mesh", "local_mesh",
-    "host_shard", "pad_to_multiple", "data_parallel", "host_sum", "host_gather", "host_max",
+    "mesh_size", "host_shard", "host_shard_bounds", "pad_to_multiple", "data_parallel", "host_sum", "host_gather", "host_max",
     "sharded_lloyd_statistics", "sharded_grouped_lloyd_statistics", "streamed_lloyd",
     "streamed_grouped_lloyd", "uniform_slice",
 ]
@@ -231,6 +231,13 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
   n_dev = mesh_size(mesh)
   if n_dev == 1:
     return fn
+  return _data_parallel(fn, mesh, None if batch_argnums is None else tuple(batch_argnums))
+
+
+@functools.lru_cache(maxsize=64)
+def _data_parallel(fn, mesh, batch_argnums):
+  """Cached per (fn, mesh, batch_argnums): repeated pipeline runs reuse the compiled code."""
+  n_dev = mesh_size(mesh)
   cache = {}
 
   @functools.wraps(fn)
