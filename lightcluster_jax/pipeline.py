@@ -337,16 +337,24 @@ class _TopK:
     self.gid = np.zeros((0,), np.int32)
 
   def add(self, prio, idx, x, gid=None):
+    """Offers a chunk; its indices must all exceed the ones offered before (chunks come in
+    global order), so once the set is full a newcomer must beat the smallest kept priority
+    strictly, and memory stays at `size` rows plus the few newcomers of one chunk."""
     keep = prio >= 0          # invalid patches: priority -1, appended as zeros at the end
+    if len(self.prio) >= self.size:
+      keep &= prio > self.prio[-1]
+    if not keep.any():
+      return
     self.prio = np.concatenate([self.prio, prio[keep]])
     self.idx = np.concatenate([self.idx, idx[keep]])
     self.x = np.concatenate([self.x, x[keep]])
     if gid is not None:
       self.gid = np.concatenate([self.gid, gid[keep]])
-    if len(self.prio) > 2 * self.size:
+    if len(self.prio) >= self.size:
       self._trim()
 
   def _trim(self):
+    """Keeps the `size` best, sorted best first (so self.prio[-1] is the smallest kept)."""
     order = np.lexsort((self.idx, -self.prio))[:self.size]
     self.prio, self.idx, self.x = self.prio[order], self.idx[order], self.x[order]
     if len(self.gid):

@@ -178,6 +178,23 @@ def test_pad_to_multiple():
     sharding.pad_to_multiple(x, 0)
 
 
+def test_running_top_k_matches_lax_top_k_with_ties():
+  """The streamed fit sample: same rows, same order as jax.lax.top_k over everything."""
+  rng = np.random.RandomState(4)
+  n, size = 3000, 257
+  prio = (rng.randint(0, 400, n) / 400).astype(np.float32)      # many ties
+  prio[rng.rand(n) < 0.3] = -1.0                                  # invalid patches
+  x = rng.randn(n, 3).astype(np.float32)
+  top = pipeline._TopK(size, 3)
+  for s in range(0, n, 100):
+    top.add(prio[s:s + 100], np.arange(s, min(s + 100, n)), x[s:s + 100])
+  got_x, got_m, _ = top.merged()
+  vals, idx = jax.lax.top_k(jnp.asarray(prio), size)
+  idx = np.asarray(idx)
+  np.testing.assert_array_equal(got_m, np.asarray(vals) >= 0)
+  np.testing.assert_array_equal(got_x[got_m], x[idx[got_m]])
+
+
 def test_streamed_lloyd_equals_in_memory_lloyd():
   """Exact Lloyd over chunks (NumPy oracle: the same iteration on the whole array)."""
   rng = np.random.RandomState(1)
