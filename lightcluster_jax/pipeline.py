@@ -6,10 +6,15 @@ stage's hash; so an interrupted run resumes where it stopped, and a re-run with 
 setting recomputes only the CRF and what follows it:
 
   features     ViT Keys / CLS / CLS attention per image          (per image, batched)
-  masks        image-, category-, dataset-level + consistent fg   (needs the whole set)
+  masks        image-, category-, dataset-level + consistent fg   (whole set, streamed in
+               chunks of clustering.chunk_images from the features cache)
   refine       soft fg probability -> pixels (bilinear) -> CRF    (per image, batched)
   regions      object regions, crops, crop CLS descriptors        (per image)
   labels       k-means of all descriptors -> class ids -> PNGs    (whole set, cheap)
+
+Scale-out (lightcluster_jax.sharding): the per-image stages run data-parallel over the local
+devices; the dataset statistics are psum-ed over them and summed across hosts; in a
+multi-host run each process segments and writes `sharding.host_shard(items)`.
 
 Every file is written atomically (temporary file + rename), so Ctrl-C never leaves a
 half-written artefact behind. `segment_arrays` runs the same stages in memory for notebooks.
