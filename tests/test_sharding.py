@@ -242,13 +242,16 @@ def test_data_parallel_on_one_device_is_the_function(params):
 
 
 def test_streamed_masks_equal_in_memory(features, fast_compile):
-  """Exact: same image-level keys, padded grid, samples and k-means inputs."""
+  """Masks exact: same image-level keys, padded grid, samples and k-means inputs. The soft
+  probability may differ by float32 ulps (XLA fuses the sigmoid differently inside the one
+  big in-memory jit than per chunk; 1.2e-7 seen on the real VOC images), hence 1e-6."""
   _, ids = features
   ref = _masks(features, chunk_images=0)
-  _assert_same_masks(ref, _masks(features, chunk_images=2), ids)
+  _assert_same_masks(ref, _masks(features, chunk_images=2), ids, prob_atol=1e-6)
   # The dataset level fitted on a random sample: the streamed draw is the in-memory draw.
   ref = _masks(features, chunk_images=0, dataset_fit_patches=40)
-  _assert_same_masks(ref, _masks(features, chunk_images=3, dataset_fit_patches=40), ids)
+  _assert_same_masks(ref, _masks(features, chunk_images=3, dataset_fit_patches=40), ids,
+                     prob_atol=1e-6)
 
 
 def test_streamed_masks_with_sampled_category_fit_stay_close(features):
