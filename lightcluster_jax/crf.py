@@ -19,7 +19,13 @@ label-independent half of the Potts term cancels in the softmax. `Ktilde` is the
 normalisation pydensecrf uses by default (NORMALIZE_SYMMETRIC); K includes the self term k_ii = 1.
 
 Backends (how K_m v is computed; they share the mean-field loop):
-  * "lattice" (default): the bilateral term on a permutohedral lattice (Adams et al. 2010) that
+  * "superpixel" (default): the bilateral term on the same lattice, but over superpixels
+    instead of pixels: 4 x 4 cells, each split into its brighter and darker pixels, every
+    group one weighted lattice point at its mean position and colour (~N/8 points instead of
+    N). Pooling and read-out are reshapes, the normalisation acts on the groups. On the VOC
+    images it agrees with pydensecrf on ~99% (maskcontrast) / ~98.3% (krahenbuhl) of the
+    pixels at 3-9x its speed on a 2-core CPU (README table).
+  * "lattice": the bilateral term on a permutohedral lattice (Adams et al. 2010) that
     reproduces pydensecrf's own (same embedding, simplex, barycentric weights, [1 2 1]/2 blur,
     alpha = 1/(1+2^-d)), so its MAP labels agree with pydensecrf's on ~99.98% of the pixels.
     The vertex dedupe is a hash table built by vectorised scatter/gather probing rounds, and
@@ -39,7 +45,7 @@ messages (their Q is softmax(-U)), so a padded image gives the same Q on its val
 
 Example:
   >>> probs = jnp.stack([1 - fg, fg], -1)              # [H, W, 2]
-  >>> q = dense_crf(unary_from_probs(probs), image)     # maskcontrast preset, lattice backend
+  >>> q = dense_crf(unary_from_probs(probs), image)     # maskcontrast preset, superpixel backend
   >>> mask = q[..., 1] > 0.5
 """
 
@@ -88,13 +94,15 @@ class CRFParams:
     window_downsample: "window" backend: bilateral messages are computed on a grid downsampled by
       this factor (block means of colour and Q) and upsampled bilinearly (ConvCRF's `blur`).
     exact_chunk: "exact" backend: rows of the kernel matrix computed at once.
-    lattice_corners: "lattice" and "superpixel" backends: simplex corners splatted per point, 6
-      (all, as in pydensecrf) or fewer (the largest barycentric weights, renormalised): fewer
-      lattice entries and vertices for a small loss of agreement (see the README table).
+    lattice_corners: "lattice" backend: simplex corners splatted per pixel, 6 (all, as in
+      pydensecrf) or fewer (the largest barycentric weights, renormalised): fewer lattice
+      entries and vertices for a small loss of agreement (see the README table).
     superpixel_size: "superpixel" backend: side of the square cells (pixels) that are pooled
       into lattice points.
-    superpixel_split: "superpixel" backend: split every cell in two by colour (2-means) so a
-      cell on an edge does not average the colours of both sides.
+    superpixel_split: "superpixel" backend: split every cell in two (brighter / darker than
+      its mean) so a cell on an edge does not average the colours of both sides.
+    superpixel_corners: "superpixel" backend: simplex corners splatted per superpixel (like
+      `lattice_corners`; 3 of 6 is 1.4x faster for -0.1% agreement on the VOC images).
   """
 
   iterations: int = 10
@@ -110,6 +118,7 @@ class CRFParams:
   lattice_corners: int = 6
   superpixel_size: int = 4
   superpixel_split: bool = True
+  superpixel_corners: int = 3
 
 
 PRESETS: dict[str, CRFParams] = {
@@ -899,8 +908,9 @@ def dense_crf(unary: jax.Array, image: jax.Array, *, params: CRFParams | None = 
     params: `CRFParams` (static); default the "maskcontrast" preset.
     valid_hw: optional (h, w) of the valid top-left region (ints or traced); padded pixels
       neither send nor receive messages and come back as softmax(-U).
-    backend: "lattice" (default, pydensecrf's lattice in JAX), "window" (ConvCRF-style local
-      window on a downsampled grid) or "exact" (dense O(N^2), small images / oracle).
+    backend: "superpixel" (default: the lattice over 4x4-cell superpixels), "lattice"
+      (pydensecrf's lattice over pixels), "window" (ConvCRF-style local window on a
+      downsampled grid) or "exact" (dense O(N^2), small images / oracle).
     return_log: return log Q.
 
   Returns:
@@ -908,7 +918,8 @@ def dense_crf(unary: jax.Array, image: jax.Array, *, params: CRFParams | None = 
 
   Differentiable w.r.t. `unary` for every backend (no stop_gradient: gradients flow through
   all iterations), and w.r.t. `image` for "exact" and "window" (through the kernel values); the
-  "lattice" backend treats its lattice as a constant of the image (zero image gradient).
+  "lattice" and "superpixel" backends treat their lattice as a constant of the image (zero
+  image gradient).
   """
   params = PRESETS["maskcontrast"] if params is None else params
   if backend not in BACKENDS:
@@ -1001,11 +1012,12 @@ def _window_bilateral_op(img, valid, valid_hw, params: CRFParams) -> _Op:
 
 
 
+
 def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams) -> _Op:
   """Bilateral operator on a permutohedral lattice over superpixels ("superpixel" backend).
 
-  The image is cut into s x s cells and every cell into (at most) two colour groups by a
-  2-means in RGB (seeded by the cell's mean brightness). A group of n pixels becomes one
+  The image is cut into s x s cells and every cell into (at most) two groups: the pixels
+  brighter and darker than the cell's mean. A group of n pixels becomes one
   lattice point with weight n at the group's mean position and colour, so
 
   .. math::
@@ -1022,7 +1034,7 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
     img: [H, W, 3] float32 RGB in 0..255.
     valid: [H, W] bool; invalid pixels neither send nor receive.
     params: uses bilateral_sxy, bilateral_srgb, superpixel_size, superpixel_split,
-      lattice_corners.
+      superpixel_corners.
 
   Returns:
     The normalised operator D^-1/2 K D^-1/2 on [K, H, W] values.
@@ -1045,17 +1057,11 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
   col = blocks(jnp.moveaxis(img, -1, 0))  # [3, hc, s, wc, s]
   cnt = pool(vb)
   if params.superpixel_split:
+    # Brighter / darker than the cell's mean: on an edge the two sides differ in brightness
+    # almost always (2-means refinement steps in RGB changed the agreement with pydensecrf by
+    # < 0.05% on the VOC images and cost a third of the build time).
     luma = col.sum(0)
     side = luma > spread(pool(luma * vb) / jnp.maximum(cnt, 1.0))
-    col_sum = pool(col * vb)
-    for _ in range(2):  # 2-means steps in RGB
-      w1 = vb * side
-      n1 = pool(w1)
-      s1 = pool(col * w1)
-      m1 = s1 / jnp.maximum(n1, 1e-6)
-      m0 = (col_sum - s1) / jnp.maximum(cnt - n1, 1e-6)
-      side = (_rsum([(col[c] - spread(m1[c])) ** 2 for c in range(3)])
-              < _rsum([(col[c] - spread(m0[c])) ** 2 for c in range(3)]))
     g1 = vb * side
   else:
     g1 = jnp.zeros_like(vb)
@@ -1069,18 +1075,25 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
                             (col[2], params.bilateral_srgb))]
   m = 2 * hc * wc
   lat = _lattice_build(jnp.stack(feats).reshape(5, m), (n > 0).reshape(m),
-                       params.lattice_corners)
+                       params.superpixel_corners)
 
-  def raw(v):  # [K, H, W] -> [K, H, W]
-    k = v.shape[0]
-    b = blocks(v)
-    p1 = pool(b * g1)
-    p0 = pool(b * vb) - p1
-    out = _lattice_filter(lat, jnp.stack([p0, p1], 1).reshape(k, m))
-    out = out.reshape(k, 2, hc, 1, wc, 1)
-    return (out[:, 0] * g0 + out[:, 1] * g1).reshape(k, hc * cs, wc * cs)[:, :h, :w]
+  groups = jnp.stack([g0, g1])  # [2, hc, s, wc, s] group membership (0 outside `valid`)
 
-  return _normalised(raw, valid)
+  def readout(x):  # [K, 2, hc, wc] per-group values -> [K, H, W]
+    x = x[:, :, :, None, :, None]
+    out = x[:, 0] * g0 + x[:, 1] * g1
+    return out.reshape(x.shape[0], hc * cs, wc * cs)[:, :h, :w]
+
+  # D = K 1 is constant over a group, so the symmetric normalisation D^-1/2 K D^-1/2 acts on
+  # the per-group sums and never touches the pixels.
+  filt = lambda x: _lattice_filter(lat, x.reshape(x.shape[0], m)).reshape(x.shape)
+  nrm = jnp.where(n > 0, lax.rsqrt(filt(n[None])[0] + 1e-20), 0.0)  # [2, hc, wc]
+
+  def apply(v):  # [K, H, W] -> [K, H, W]
+    b = blocks(v)[:, None]
+    return readout(nrm * filt(nrm * pool(b * groups)))
+
+  return _Op(apply, readout(nrm * filt((nrm * n)[None]))[0])
 
 
 def dense_crf_batch(unary: jax.Array, images: jax.Array, valid_hw: jax.Array | None = None, *,
@@ -1088,8 +1101,8 @@ def dense_crf_batch(unary: jax.Array, images: jax.Array, valid_hw: jax.Array | N
                     return_log: bool = False) -> jax.Array:
   """`dense_crf` over a padded batch: unary [B, H, W, C], images [B, H, W, 3], valid_hw [B, 2].
 
-  The lattice backend runs the images one after another (`lax.map`): its loops follow each
-  image's number of lattice vertices; the other backends are vmapped.
+  The lattice-based backends run the images one after another (`lax.map`): their loops follow
+  each image's number of lattice vertices; the other backends are vmapped.
 
   Returns:
     [B, H, W, C] float32.

@@ -357,7 +357,7 @@ def test_superpixel_with_one_pixel_cells_is_the_lattice():
   # Cells of one pixel and no colour split: every lattice point is a pixel, so the backend
   # must reproduce the pixel lattice exactly (same points, weights 1).
   unary, image = _disc_problem()
-  p = dataclasses.replace(SMALL, superpixel_size=1, superpixel_split=False)
+  p = dataclasses.replace(SMALL, superpixel_size=1, superpixel_split=False, superpixel_corners=6)
   q_sp = np.asarray(_run(unary, image, params=p, backend="superpixel"))
   q_lat = np.asarray(_run(unary, image, params=p, backend="lattice"))
   np.testing.assert_allclose(q_sp, q_lat, atol=1e-5)
