@@ -10,7 +10,7 @@ are re-exported here (except where a function shares its module's name: use
 __version__ = "0.1.0"
 
 from lightcluster_jax import (assign, config, crf, evaluation, features, kmeans, masks,
-                              metrics, pipeline, resize, viz, vit, weights)
+                              metrics, pipeline, resize, sharding, viz, vit, weights)
 from lightcluster_jax.assign import crop_and_resize, find_regions, paint_labels
 from lightcluster_jax.config import apply_overrides, default_config, load_config
 from lightcluster_jax.crf import dense_crf, get_params as crf_params, unary_from_labels, unary_from_probs
@@ -24,3 +24,5 @@ from lightcluster_jax.metrics import (ConfusionAccumulator, confusion_matrix, fo
                                       hungarian_match, segmentation_scores)
 from lightcluster_jax.pipeline import items_from_arrays, items_from_paths, segment
 from lightcluster_jax.resize import interpolation_matrix
+from lightcluster_jax.sharding import (data_mesh, data_parallel, host_shard, initialize,
+                                       local_mesh, streamed_lloyd)

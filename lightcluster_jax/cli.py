@@ -91,7 +91,20 @@ def _segment(argv) -> int:
   p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
   p.add_argument("--no-overlays", action="store_true")
   p.add_argument("--no-progress", action="store_true")
+  multi = p.add_argument_group(
+      "multi-host", "run one process per host; each segments and writes its share of the images")
+  multi.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
+  multi.add_argument("--num-processes", type=int, help="number of processes (hosts)")
+  multi.add_argument("--process-id", type=int, help="this process's index, 0..num-processes-1")
   args = p.parse_args(argv)
+  given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
+  if any(given) and not all(given):
+    raise CLIError("multi-host runs need all of --coordinator, --num-processes and --process-id")
+  if all(given):
+    if not 0 <= args.process_id < args.num_processes:
+      raise CLIError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
+    from lightcluster_jax import sharding  # before any other JAX call
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   except config_lib.ConfigError as e:
