@@ -107,7 +107,8 @@ def parse_backend(spec: str):
   """'window:r=8,s=2' -> ('window', {'window_radius': 8, 'window_downsample': 2})."""
   name, _, opts = spec.partition(":")
   keys = {"r": "window_radius", "s": "window_downsample", "cell": "superpixel_size",
-          "split": "superpixel_split", "corners": "lattice_corners"}
+          "split": "superpixel_split",
+          "corners": "superpixel_corners" if name == "superpixel" else "lattice_corners"}
   over = {}
   for kv in filter(None, opts.split(",")):
     k, v = kv.split("=")
