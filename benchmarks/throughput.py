@@ -51,6 +51,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from lightcluster_jax.data import synthetic_scene as _synthetic  # noqa: E402
+
 
 def _peak_rss_gb() -> float:
   with open("/proc/self/status") as f:
@@ -58,16 +60,6 @@ def _peak_rss_gb() -> float:
       if line.startswith("VmHWM:"):
         return int(line.split()[1]) / 1e6
   return float("nan")
-
-
-def _synthetic(h, w, seed):
-  rng = np.random.RandomState(seed)
-  img = (rng.rand(h, w, 3) * 60 + 40).astype(np.uint8)
-  yy, xx = np.mgrid[:h, :w]
-  cy, cx = h * (0.4 + 0.2 * rng.rand()), w * (0.4 + 0.2 * rng.rand())
-  inside = ((yy - cy) / (0.3 * h)) ** 2 + ((xx - cx) / (0.25 * w)) ** 2 < 1
-  img[inside] = (rng.rand(3) * 80 + 170).astype(np.uint8)
-  return img
 
 
 # ----------------------------------------------------------------------------- workers

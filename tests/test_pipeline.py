@@ -16,6 +16,7 @@ from PIL import Image
 from lightcluster_jax import config as config_lib
 from lightcluster_jax import pipeline, vit, weights
 from lightcluster_jax.cli import main as cli_main
+from lightcluster_jax.data import synthetic_scene
 
 ARCH = vit.get_config("dino_vits16", depth=2)
 
@@ -25,15 +26,7 @@ def params():
   return vit.init_params(ARCH, jax.random.PRNGKey(0))
 
 
-def _synthetic(h, w, seed):
-  """A textured background with a bright ellipse: something to segment."""
-  rng = np.random.RandomState(seed)
-  img = (rng.rand(h, w, 3) * 60 + 40).astype(np.uint8)
-  yy, xx = np.mgrid[:h, :w]
-  cy, cx = h * (0.4 + 0.2 * rng.rand()), w * (0.4 + 0.2 * rng.rand())
-  inside = ((yy - cy) / (0.3 * h)) ** 2 + ((xx - cx) / (0.25 * w)) ** 2 < 1
-  img[inside] = (rng.rand(3) * 80 + 170).astype(np.uint8)
-  return img
+_synthetic = synthetic_scene  # a textured background with a bright ellipse
 
 
 @pytest.fixture(scope="module")
