@@ -4,8 +4,8 @@ Two kinds of work, two kinds of parallelism:
 
 * **Per-image stages** (ViT features, image-level k-means, resize, CRF, crop descriptors) are
   embarrassingly parallel. `data_parallel` pads a batch to a multiple of the local device
-  count (with a validity mask), places it with `NamedSharding(mesh, P("data"))` and calls the
-  stage's `jax.jit` function, which XLA then partitions over the devices (GSPMD). Every host
+  count (with a validity mask), places it with `NamedSharding(mesh, P("data"))` and runs the
+  stage function under `jax.jit(jax.shard_map(...))`: each device its slice. Every host
   runs these on its own images (`host_shard`) and its own devices (`local_mesh`), so hosts
   never wait for each other here.
 * **Dataset statistics** (dataset- and category-level Lloyd steps, foreground counts) are
@@ -48,8 +48,8 @@ from lightcluster_jax import kmeans as _km
 
 __all__ = [
     "AXIS", "initialize", "process_index", "process_count", "data_mesh", "local_mesh",
-    "mesh_size", "host_shard", "host_shard_bounds", "pad_to_multiple", "data_parallel", "host_sum", "host_gather", "host_max",
-    "sharded_lloyd_statistics", "sharded_grouped_lloyd_statistics", "streamed_lloyd",
+    "mesh_size", "host_shard", "host_shard_bounds", "pad_to_multiple", "data_parallel",
+    "host_sum", "host_gather", "host_max", "sharded_lloyd_statistics", "sharded_grouped_lloyd_statistics", "streamed_lloyd",
     "streamed_grouped_lloyd", "uniform_slice",
 ]
 
