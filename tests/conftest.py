@@ -42,3 +42,11 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Frees XLA executables after each test module: the whole suite compiles hundreds of
+  programs, and keeping all of them grows one pytest process by gigabytes."""
+  yield
+  jax.clear_caches()
