@@ -285,13 +285,38 @@ def bench_dataset_level(args) -> dict:
   return out
 
 
+def bench_sharded(args) -> dict:
+  """(b) rerun sharded: streamed Lloyd (`sharding.streamed_lloyd`, psum over the mesh) on the
+  same data with 1 and with 8 simulated CPU devices; the inertias must agree."""
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "throughput.py")
+  out = {}
+  with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    path = os.path.join(tmp, "x.f32")
+    write_dataset(path, args.n, args.dim)
+    for devices in (1, 8):
+      env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+      proc = subprocess.run([sys.executable, worker, "--worker", "kmeans", "--data", path,
+                             "--n", str(args.n), "--epochs", str(args.epochs)],
+                            capture_output=True, text=True, env=env)
+      if proc.returncode != 0:
+        raise RuntimeError(f"sharded worker ({devices} devices) failed:\n{proc.stderr[-3000:]}")
+      out[f"devices_{devices}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+  for k in ("k2", "k20"):
+    a, b = out["devices_1"][k]["inertia"], out["devices_8"][k]["inertia"]
+    out[f"{k}_relative_inertia_diff_8_vs_1"] = abs(a - b) / abs(a)
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
   p.add_argument("--skip-image", action="store_true")
   p.add_argument("--skip-dataset", action="store_true")
-  p.add_argument("--only", choices=("image", "dataset"),
-                 help="run only part (a) 'image' or part (b) 'dataset'")
+  p.add_argument("--only", choices=("image", "dataset", "sharded"),
+                 help="run only part (a) 'image', part (b) 'dataset', or (b) sharded")
+  p.add_argument("--sharded", action="store_true",
+                 help="also rerun (b) as streamed Lloyd on 1 and 8 simulated devices")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--img-repeats", type=int, default=9,
                  help="interleaved repeats of part (a) (ours, then the scikit-learn loop)")
@@ -312,6 +337,8 @@ def main(argv=None):
     args.skip_dataset = True
   elif args.only == "dataset":
     args.skip_image = True
+  elif args.only == "sharded":
+    args.skip_image = args.skip_dataset = args.sharded = True
   args.img_sets, args.img_points = (64, 3136) if not args.quick else (8, 3136)
   if args.worker:
     print(json.dumps(worker(args)))
@@ -343,6 +370,8 @@ def main(argv=None):
         inertia_rel_diff_vs_sklearn=max(ds[f"k{k}"]["inertia_rel_diff_vs_sklearn"]
                                         for k in args.ks),
         **ds)
+  if args.sharded:
+    result["dataset_level_sharded"] = bench_sharded(args)
   result["machine"]["load_avg_at_end"] = os.getloadavg()[0]
   print(json.dumps(result))
 
