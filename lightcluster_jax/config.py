@@ -36,8 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.clustering.k_category = 2
   c.clustering.k_dataset = 2
   c.clustering.num_categories = 5          # CLS-token superclasses (VOC 5, COCO 12)
-  c.clustering.rule = "dc_and_i"           # dc_and_i | all | majority | image_only
-  c.clustering.dilate = 1                  # image-level mask dilation (patches) in dc_and_i
+  c.clustering.rule = "dc_and_i"           # dc_and_i | d_and_i | all | majority | image_only
+  c.clustering.dilate = 1                  # image-level mask dilation (patches) in *_and_i
   c.clustering.min_region_patches = 2      # smaller components are removed
   c.clustering.dataset_fit_patches = 200_000  # dataset-level centroids fitted on a sample
   c.clustering.n_init = 3                  # k-means restarts per problem

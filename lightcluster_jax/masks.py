@@ -17,7 +17,7 @@ Pipeline of `multilevel_foreground` (each step is also a public function):
    whose mask barely overlaps the image-level mask is replaced by it (METHOD.md failure mode:
    a "foreground" cluster with 0.001 of its patches in the image-level foreground).
 5. `consistency`: `dc_and_i` (default) = Dataset and Category and dilate(Image, 1 patch);
-   `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left empty
+   `d_and_i`, `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left empty
    falls back to its image-level mask.
 6. `soft_foreground`: softmax of negative squared distances to fg / bg centroids (step 7).
 
@@ -46,7 +46,7 @@ __all__ = [
     "soft_foreground", "multilevel_foreground", "RULES",
 ]
 
-RULES = ("dc_and_i", "all", "majority", "image_only")
+RULES = ("dc_and_i", "d_and_i", "all", "majority", "image_only")
 
 _N4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
 _N8 = _N4 + ((-1, -1), (-1, 1), (1, -1), (1, 1))
@@ -355,6 +355,8 @@ def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and
   Rules (D, C, I = dataset, category, image-level masks; dil = 3x3 dilation within `valid`):
 
     * `dc_and_i` (default): (D and C) and dil^n(I), n = `dilate` (1 patch).
+    * `d_and_i`: D and dil^n(I), the category level left out (METHOD.md's best measured
+      baseline).
     * `all`: D and C and I.
     * `majority`: at least 2 of D, C, I.
     * `image_only`: I.
@@ -366,7 +368,7 @@ def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and
     dataset_fg, category_fg, image_fg: [B, h, w] bool (or any [..., h, w]).
     valid: [..., h, w] bool.
     rule: one of RULES.
-    dilate: dilation steps (patches) of I for `dc_and_i`.
+    dilate: dilation steps (patches) of I for `dc_and_i` / `d_and_i`.
 
   Returns:
     [..., h, w] bool, False outside `valid`.
@@ -386,7 +388,7 @@ def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and
   dc = valid
   if dataset_fg is not None:
     dc = dc & jnp.asarray(dataset_fg, bool)
-  if category_fg is not None:
+  if category_fg is not None and rule != "d_and_i":
     dc = dc & jnp.asarray(category_fg, bool)
   if rule == "all":
     return dc & i

@@ -127,9 +127,13 @@ def test_consistency_rules_on_hand_made_grids():
                         [0, 1, 1, 0, 0],
                         [0, 1, 1, 1, 0],
                         [0, 0, 0, 0, 0]]], bool)
+  d_and_i = np.array([[[0, 1, 1, 0, 0],
+                       [0, 1, 1, 0, 0],
+                       [0, 1, 1, 1, 0],
+                       [0, 0, 0, 1, 0]]], bool)
   image_only = i & valid
-  for rule, want in [("dc_and_i", dc_and_i), ("all", all_), ("majority", majority),
-                     ("image_only", image_only)]:
+  for rule, want in [("dc_and_i", dc_and_i), ("d_and_i", d_and_i), ("all", all_),
+                     ("majority", majority), ("image_only", image_only)]:
     got = np.asarray(M.consistency(d, c, i, valid, rule=rule))
     np.testing.assert_array_equal(got, want, err_msg=rule)
   # dilate=0 makes dc_and_i equal to `all`; a missing level does not constrain.
