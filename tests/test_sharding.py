@@ -348,3 +348,43 @@ def test_two_processes_give_the_same_masks_and_labels(tmp_path, reference):
     assert sorted(p.stem for p in mask_dir.glob("*.npz")) == ids
     seen += ids
   assert sorted(seen) == sorted(reference[0]["ids"])
+
+
+REFINE_WORKER = textwrap.dedent("""
+  import os, sys
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  sys.path.insert(0, sys.argv[1])
+  import jax, numpy as np
+  from lightcluster_jax import crf, pipeline, sharding
+  from test_pipeline import _synthetic
+  rng = np.random.RandomState(0)
+  b, hh, ww, gh, gw = 3, 64, 80, 8, 10
+  images = np.stack([_synthetic(hh, ww, seed=i) for i in range(b)])
+  prob = rng.rand(b, gh, gw).astype(np.float32)
+  grid_hw = np.array([[8, 10], [6, 9], [8, 7]], np.int32)
+  orig_hw = np.array([[64, 80], [48, 72], [60, 56]], np.int32)
+  fn = pipeline.make_refine_fn(crf.get_params("maskcontrast"), None, True)
+  one = np.asarray(fn(prob, grid_hw, images, orig_hw))
+  mesh = sharding.data_mesh()
+  assert sharding.mesh_size(mesh) == 8
+  eight = np.asarray(sharding.data_parallel(fn, mesh)(prob, grid_hw, images, orig_hw))
+  off = np.asarray(pipeline.make_refine_fn(None, None, False)(prob, grid_hw, images, orig_hw))
+  np.savez(sys.argv[2], one=one, eight=eight, off=off)
+""")
+
+
+def test_crf_refine_stage_on_eight_devices_equals_one(tmp_path):
+  """The refine stage (bilinear upsampling + the default superpixel CRF) under data_parallel
+  on 8 simulated devices (3 images padded to 8) gives the 1-device result."""
+  script = tmp_path / "refine_worker.py"
+  script.write_text(REFINE_WORKER)
+  out = tmp_path / "refine.npz"
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(script), str(TESTS), str(out)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(out)
+  assert got["eight"].shape == got["one"].shape == (3, 64, 80)
+  assert np.all((got["one"] >= 0) & (got["one"] <= 1))
+  assert np.abs(got["one"] - got["off"]).max() > 0.05   # the CRF really ran
+  np.testing.assert_allclose(got["eight"], got["one"], atol=1e-5)
