@@ -514,6 +514,9 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
   del cls_all
   n_flat = n_total * p
 
+  def chunk_groups(g0, n):  # [chunk] group id per image of the chunk (padding -> 0)
+    return np.pad(groups[g0:g0 + n], (0, chunk - n)).astype(np.int32)
+
   def chunks():
     """(global start, ids, keys [C, p, D], valid [C, hm, wm], attn [C, p]) of this host."""
     for s in range(0, len(local_ids), chunk):
@@ -581,9 +584,7 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
         x = np.asarray(_normalize(keys)).reshape(chunk * p, d)
         m = valid.reshape(-1)
         if with_groups:
-          gid = np.zeros((chunk, p), np.int32)
-          gid[:n] = groups[g0:g0 + n, None]
-          yield x, gid.reshape(-1), m
+          yield x, np.repeat(chunk_groups(g0, n), p), m
         else:
           yield x, m
     return gen
@@ -619,9 +620,7 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
   def assignments(x, valid, g0, n):
     m = valid.reshape(-1)
     da, _ = kmeans_lib.assign(jnp.asarray(x), jnp.asarray(dat_centroids), mask=jnp.asarray(m))
-    gid = np.zeros((chunk, p), np.int32)
-    gid[:n] = groups[g0:g0 + n, None]
-    ca = _group_assign(jnp.asarray(x), jnp.asarray(gid.reshape(-1)),
+    ca = _group_assign(jnp.asarray(x), jnp.asarray(np.repeat(chunk_groups(g0, n), p)),
                        jnp.asarray(cat_centroids))
     ca = jnp.where(jnp.asarray(m), ca, -1)
     return np.asarray(da).reshape(chunk, hm, wm), np.asarray(ca).reshape(chunk, hm, wm)
@@ -641,7 +640,7 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
     x = np.asarray(_normalize(keys)).reshape(chunk * p, d)
     da, ca = assignments(x, valid, g0, n)
     ifg = unpacked(cids)
-    gid = np.broadcast_to(np.pad(groups[g0:g0 + n], (0, chunk - n))[:, None, None], da.shape)
+    gid = np.broadcast_to(chunk_groups(g0, n)[:, None, None], da.shape)
     ok = valid & (da >= 0)
     cnt["d_all"] += np.bincount(da[ok], minlength=kd)
     cnt["d_in"] += np.bincount(da[ok & ifg], minlength=kd)
@@ -667,16 +666,16 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
     n = len(cids)
     x = np.asarray(_normalize(keys))
     da, ca = assignments(x.reshape(chunk * p, d), valid, g0, n)
-    grp = np.pad(groups[g0:g0 + n], (0, chunk - n)).astype(np.int32)
+    grp = chunk_groups(g0, n)
+    ifg = unpacked(cids)
     out = _chunk_consistent(
-        jnp.asarray(x), jnp.asarray(valid), jnp.asarray(unpacked(cids)), jnp.asarray(da),
+        jnp.asarray(x), jnp.asarray(valid), jnp.asarray(ifg), jnp.asarray(da),
         jnp.asarray(ca), jnp.asarray(grp), dat_table, cat_table, g=g, rule=cfg.rule,
         dilate=cfg.dilate, min_region_patches=cfg.min_region_patches, connectivity=4,
         min_image_share=0.2)
     out = jax.device_get(out)
     prob = np.asarray(_chunk_prob(keys, out["consistent"], valid, out["fg_c"], out["bg_c"],
                                   temperature=temperature))
-    ifg = unpacked(cids)
     for b, i in enumerate(cids):
       sums["f"] += out["fg_c"][b].astype(np.float64) * out["n_f"][b]
       sums["nf"] += out["n_f"][b]
