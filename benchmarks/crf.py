@@ -16,6 +16,10 @@ Soft unaries ("--unary"):
   patch  the same foreground averaged over the ViT patch grid (short side 448, patch 14) and
          upsampled bilinearly to pixels, clipped to [0.05, 0.95] — the pipeline's situation.
 
+Both sides run on one core (the process pins itself before JAX starts; pydensecrf is
+single-threaded); `--all-cores` lets XLA use all of them. Ours is jitted with
+`crf.XLA_OPTIONS`.
+
 Usage:
   python benchmarks/crf.py                       # default backend, both presets
   python benchmarks/crf.py --backends superpixel superpixel:cell=8 lattice window --repeats 5
@@ -41,6 +45,11 @@ from scipy import ndimage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+if __name__ == "__main__" and "--all-cores" not in sys.argv and hasattr(os, "sched_setaffinity"):
+  # pydensecrf is single-threaded: by default both sides get one core (before jax starts, so
+  # XLA sizes its thread pools to it). --all-cores leaves XLA every core.
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -134,6 +143,9 @@ def main(argv=None):
   ap.add_argument("--unary", default="blur", choices=["blur", "patch"])
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
+  ap.add_argument("--all-cores", action="store_true",
+                  help="let XLA use every core (default: the process is pinned to one core, "
+                       "as single-threaded pydensecrf)")
   args = ap.parse_args(argv)
 
   root = assets_dir()
@@ -152,7 +164,8 @@ def main(argv=None):
     for spec in args.backends:
       backend, over = parse_backend(spec)
       p = crf.get_params(preset, **over)
-      fns[spec] = jax.jit(lambda u, im, p=p, b=backend: crf.dense_crf(u, im, params=p, backend=b))
+      fns[spec] = jax.jit(lambda u, im, p=p, b=backend: crf.dense_crf(u, im, params=p, backend=b),
+                          compiler_options=crf.XLA_OPTIONS)
     # Per image: compile every backend once, then interleave the reference and our backends in
     # every repeat, so load changes on a shared machine hit both sides alike.
     ref_t, ours_t = [], {spec: [] for spec in args.backends}
@@ -216,6 +229,7 @@ def main(argv=None):
           "jax": jax.__version__, "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
           "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       },
   }
   print(json.dumps(out))

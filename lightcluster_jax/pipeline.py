@@ -169,11 +169,12 @@ def _mesh_batch(batch: int, mesh) -> int:
   return _round_up(batch, sharding.mesh_size(mesh))
 
 
-def _parallel(fn, mesh, batch_argnums):
+def _parallel(fn, mesh, batch_argnums, compiler_options=None):
   from lightcluster_jax import sharding
   if sharding.mesh_size(mesh) <= 1:
     return fn
-  return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums)
+  return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums,
+                                compiler_options=compiler_options)
 
 
 def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, progress=True,
@@ -746,7 +747,8 @@ def make_refine_fn(crf_params, backend, enabled: bool):
   """Jitted `(prob [B,h,w], grid_hw [B,2], image [B,H,W,3] uint8, orig_hw [B,2]) -> fg prob`.
 
   Upsamples each image's patch probability bilinearly (PyTorch align_corners=False) onto its
-  own valid pixel area of the padded batch, then runs the dense CRF there.
+  own valid pixel area of the padded batch, then runs the dense CRF there. The images run one
+  after another (`lax.map`, as `crf.dense_crf_batch`), compiled with `crf.XLA_OPTIONS`.
   """
   def one(prob, grid_hw, image, orig_hw):
     hh, ww = image.shape[:2]
@@ -761,7 +763,8 @@ def make_refine_fn(crf_params, backend, enabled: bool):
     q = crf_lib.dense_crf(unary, image.astype(jnp.float32), params=crf_params,
                           valid_hw=(orig_hw[0], orig_hw[1]), **kw)
     return q[..., 1]
-  return jax.jit(jax.vmap(one))
+  return jax.jit(lambda *args: jax.lax.map(lambda a: one(*a), args),
+                 compiler_options=crf_lib.XLA_OPTIONS)
 
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
@@ -772,7 +775,7 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
     return
   params = crf_lib.get_params(cfg.preset)
   backend = None if cfg.backend == "default" else cfg.backend
-  fn = _parallel(make_refine_fn(params, backend, cfg.enabled), mesh, None)
+  fn = _parallel(make_refine_fn(params, backend, cfg.enabled), mesh, None, crf_lib.XLA_OPTIONS)
   bar = _bar(None, total=len(todo), desc="refine (CRF)" if cfg.enabled else "upsample",
              enabled=progress)
   batch = _mesh_batch(2, mesh)

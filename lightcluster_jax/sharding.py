@@ -206,7 +206,8 @@ def pad_to_multiple(x, multiple: int, *, axis: int = 0):
 
 
 def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
-                  batch_argnums: Optional[Sequence[int]] = None) -> Callable:
+                  batch_argnums: Optional[Sequence[int]] = None,
+                  compiler_options: Optional[dict] = None) -> Callable:
   """Runs a batched per-image function data-parallel over the "data" axis of `mesh`.
 
   The wrapper zero-pads the leading (batch) axis of the arguments in `batch_argnums` to a
@@ -223,6 +224,8 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
     fn: `(*args) -> pytree` of arrays with the batch on axis 0 (jitted or not).
     mesh: 1-D "data" mesh (default: `local_mesh()`). A 1-device mesh calls `fn` directly.
     batch_argnums: positions of the batched arguments (default: all).
+    compiler_options: XLA options of the wrapping `jax.jit` (e.g. `crf.XLA_OPTIONS`); with a
+      1-device mesh `fn` itself must carry them.
 
   Returns:
     callable with the signature of `fn`.
@@ -231,11 +234,12 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
   n_dev = mesh_size(mesh)
   if n_dev == 1:
     return fn
-  return _data_parallel(fn, mesh, None if batch_argnums is None else tuple(batch_argnums))
+  return _data_parallel(fn, mesh, None if batch_argnums is None else tuple(batch_argnums),
+                        tuple(sorted((compiler_options or {}).items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _data_parallel(fn, mesh, batch_argnums):
+def _data_parallel(fn, mesh, batch_argnums, compiler_options):
   """Cached per (fn, mesh, batch_argnums): repeated pipeline runs reuse the compiled code."""
   n_dev = mesh_size(mesh)
   cache = {}
@@ -258,7 +262,8 @@ def _data_parallel(fn, mesh, batch_argnums):
     if len(args) not in cache:
       specs = tuple(P(AXIS) if i in nums else P() for i in range(len(args)))
       cache[len(args)] = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs,
-                                               out_specs=P(AXIS), check_vma=False))
+                                               out_specs=P(AXIS), check_vma=False),
+                                 compiler_options=dict(compiler_options) or None)
     out = cache[len(args)](*placed)
     return jax.tree_util.tree_map(lambda y: y[:b], out)
   return wrapped
