@@ -43,8 +43,9 @@ Backends (how K_m v is computed; they share the mean-field loop):
 Speed on CPU: jit the CRF with `compiler_options=XLA_OPTIONS`. It turns off XLA:CPU's
 YNNPACK fusions for this computation: they run the pooling / padding reductions of the
 superpixel backend 2-5x slower than XLA's own loops (krahenbuhl preset, one core: 12.8 ->
-10.5 ms per VOC image). `dense_crf_batch` and the pipeline do this; for k-means the same
-fusions are a win, so the option is per computation, not a global flag.
+10.5 ms per VOC image). The pipeline and benchmarks/crf.py do this; for k-means the same
+fusions are a win, so the option is per computation, not a global flag (JAX takes compiler
+options on the outermost jit only).
 
 Padding: `valid_hw` marks the valid top-left region; padded pixels neither send nor receive
 messages (their Q is softmax(-U)), so a padded image gives the same Q on its valid region.
@@ -270,7 +271,7 @@ def _spatial_filter(x: jax.Array, sigma: float, truncate: float, token: jax.Arra
   taps = _gaussian_taps(sigma, truncate)
   # The first pass is computed into a buffer: fused into the second (and into what consumes
   # it), XLA:CPU would redo it per tap of the second pass.
-  return _blur_axis(_materialize(_blur_axis(x, taps, 1), token), taps, 2)
+  return _blur_axis(_materialize(lambda: _blur_axis(x, taps, 1), token), taps, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +376,8 @@ def _fingerprint_of(pre):
   return _fmix32(pre[0]), _fmix32(pre[1] ^ jnp.uint32(0x5BD1E995))
 
 
-def _materialize(tree, token: jax.Array):
-  """Returns `tree` unchanged, computed into buffers before its consumers run.
+def _materialize(fn: Callable[[], object], token: jax.Array):
+  """Returns `fn()`, computed into buffers before its consumers run.
 
   XLA:CPU fuses the producer of a gather's operand or indices into the gather and recomputes it
   per element and per use (and duplicates long elementwise chains into each consumer); for the
@@ -384,9 +385,12 @@ def _materialize(tree, token: jax.Array):
   conditional on a runtime predicate is a fusion boundary XLA keeps (`optimization_barrier` is
   not). `token` is a runtime float32 scalar from the input data, so `token == token` cannot be
   folded; it is False only for a NaN token (a NaN image), where zeros come back instead.
+  `fn` runs inside the conditional's branch, so its result is written straight into the
+  conditional's buffers (passing a computed value as an operand instead costs a copy of it).
   """
-  return lax.cond(token == token, lambda a: a, lambda a: jax.tree_util.tree_map(jnp.zeros_like, a),
-                  tree)
+  shapes = jax.eval_shape(fn)
+  return lax.cond(token == token, fn,
+                  lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
 
 
 def _token(x: jax.Array) -> jax.Array:
@@ -493,7 +497,7 @@ def _hash_insert(fp, active: jax.Array, table_bits: int, token: jax.Array):
   slot0 = (h1 & mask).astype(jnp.int32)
   table = jnp.full((t,), -1, jnp.int32).at[jnp.where(active, slot0, t)].set(
       jnp.arange(e, dtype=jnp.int32), mode="drop")
-  owner = _materialize(_take(table, slot0), token)
+  owner = _materialize(lambda: _take(table, slot0), token)
   todo = active & ~_same(fp, jnp.maximum(owner, 0), h1, h2)
 
   def step(carry, ids, res, todo, rnd):
@@ -521,7 +525,7 @@ def _hash_lookup(table: jax.Array, fp, qfp, active: jax.Array, mask, token: jax.
   q = g1.shape[0]
 
   def probe(q1, q2, rnd):
-    own = _materialize(_take(table, _probe_slot(q1, rnd, mask)), token)
+    own = _materialize(lambda: _take(table, _probe_slot(q1, rnd, mask)), token)
     hit = (own >= 0) & _same(fp, jnp.maximum(own, 0), q1, q2)
     return own, hit, own < 0
 
@@ -643,16 +647,16 @@ def _top_corners(bary: jax.Array, k: int, token: jax.Array):
   """
   dp1 = bary.shape[0]
   rows = [bary[r] for r in range(dp1)]
-  order = []
-  for r in range(dp1):  # position of corner r in descending order (ties by index)
-    order.append(_rsum([(rows[q] > rows[r]).astype(jnp.int32) if q > r else
-                        (rows[q] >= rows[r]).astype(jnp.int32) for q in range(dp1) if q != r]))
+  def ranks():  # position of corner r in descending order (ties by index)
+    return [_rsum([(rows[q] > rows[r]).astype(jnp.int32) if q > r else
+                   (rows[q] >= rows[r]).astype(jnp.int32) for q in range(dp1) if q != r])
+            for r in range(dp1)]
   # Materialised: fused, every output element recomputed all the ranks (1.2 ms -> 0.1 ms for
   # 23k points).
-  order = _materialize(order, token)
+  order = _materialize(ranks, token)
   corner = [_rsum([jnp.where(order[r] == s, r, 0) for r in range(dp1)]) for s in range(k)]
-  weight = _materialize([_rsum([jnp.where(order[r] == s, rows[r], 0.0) for r in range(dp1)])
-                         for s in range(k)], token)
+  weight = _materialize(lambda: [_rsum([jnp.where(order[r] == s, rows[r], 0.0)
+                                        for r in range(dp1)]) for s in range(k)], token)
   total = _rsum(weight)
   return jnp.stack(corner), jnp.stack([w / total for w in weight])
 
@@ -670,17 +674,18 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
   k = dp1 if corners is None else max(1, min(int(corners), dp1))
   e = k * n
   token = f[d - 1, 0]  # a runtime (image) value for _materialize; positions fold to constants
-  rem0, rank, bary = _materialize(_lattice_simplex(f), token)
+  rem0, rank, bary = _materialize(lambda: _lattice_simplex(f), token)
   if k < dp1:
-    corner, bary = _materialize(_top_corners(bary, k, token), token)
+    corner, bary = _materialize(lambda: _top_corners(bary, k, token), token)
     rs = [corner[s] for s in range(k)]
   else:
     corner, rs = None, list(range(dp1))
   # Flat [E] arrays are concatenations of per-corner [N] arrays: XLA:CPU turns a reshape of a
   # fused [k, N] computation into a slow per-element index computation.
-  hashes = [_fingerprint_of(_prehash(_vertex_key(rem0, rank, r))) for r in rs]
-  fp = _materialize((jnp.concatenate([h[0] for h in hashes]),
-                     jnp.concatenate([h[1] for h in hashes])), token)
+  def fingerprints():
+    hashes = [_fingerprint_of(_prehash(_vertex_key(rem0, rank, r))) for r in rs]
+    return (jnp.concatenate([h[0] for h in hashes]), jnp.concatenate([h[1] for h in hashes]))
+  fp = _materialize(fingerprints, token)
   active = jnp.concatenate([valid] * k)
   table_bits = max(10, int(math.ceil(math.log2(2 * e))))  # load M / T <= 1/4 (M <= E / 2)
   table, owner = _hash_insert(fp, active, table_bits, token)
@@ -709,11 +714,14 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
     s_v = own_e // n
     i_v = jnp.where(live, own_e - s_v * n, 0)
     r_v = s_v if corner is None else _take(corner.reshape(-1), jnp.where(live, own_e, 0))
-    key = [_take(rem0[c], i_v).astype(jnp.int32)
-           + jnp.where(_take(rank[c], i_v) <= d - r_v, r_v, r_v - dp1) for c in range(d)]
-    pre = _materialize(_prehash(key), token)
-    g1, g2 = _fingerprint_of((pre[0][None] + offsets[0], pre[1][None] + offsets[1]))
-    g1, g2 = _materialize((g1.reshape(-1), g2.reshape(-1)), token)
+    pre = _materialize(lambda: _prehash(
+        [_take(rem0[c], i_v).astype(jnp.int32)
+         + jnp.where(_take(rank[c], i_v) <= d - r_v, r_v, r_v - dp1) for c in range(d)]), token)
+
+    def neighbour_fingerprints():
+      g1, g2 = _fingerprint_of((pre[0][None] + offsets[0], pre[1][None] + offsets[1]))
+      return g1.reshape(-1), g2.reshape(-1)
+    g1, g2 = _materialize(neighbour_fingerprints, token)
     res = _hash_lookup(table, fp, (g1, g2), jnp.concatenate([live] * (2 * dp1)), mask, token)
     res = res.reshape(2 * dp1, chunk)
     nb = jnp.where(live[None] & (res >= 0), _take(cid, jnp.maximum(res, 0)), e)
@@ -888,7 +896,7 @@ def _messages(terms: list[tuple[float, _Op]], q: jax.Array) -> list[jax.Array]:
   more than its two filters apart (366 x 500 image, one core). The token is a runtime value
   that is never NaN, so `_materialize` always returns the messages.
   """
-  return _materialize([op.apply(q) for _, op in terms], _token(q))
+  return _materialize(lambda: [op.apply(q) for _, op in terms], _token(q))
 
 
 def _potts_message(terms: list[tuple[float, _Op]]) -> Callable[[jax.Array], jax.Array]:
@@ -917,7 +925,7 @@ def _mean_field_binary(unary: jax.Array, terms: list[tuple[float, _Op]], *, iter
   """
   u = jnp.moveaxis(unary.astype(jnp.float32), -1, 0)
   z0 = u[0] - u[1]
-  ones = _materialize([op.ones for _, op in terms], _token(z0))
+  ones = _materialize(lambda: [op.ones for _, op in terms], _token(z0))
   z1 = z0 + _rsum([w * a for (w, _), a in zip(terms, ones)])
 
   def body(_, z):
@@ -1148,22 +1156,22 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
   def apply(v):  # [K, H, W] -> [K, H, W]
     # Group sums and filtered group values go through buffers: fused, XLA:CPU redid the
     # pooling once per simplex corner and the lattice read-out once per pixel of the group.
-    pooled = _materialize(nrm * pool(blocks(v)[:, None] * groups), tok)
-    return readout(_materialize(nrm * filt(pooled), tok))
+    pooled = _materialize(lambda: nrm * pool(blocks(v)[:, None] * groups), tok)
+    return readout(_materialize(lambda: nrm * filt(pooled), tok))
 
   return _Op(apply, readout(nrm * filt((nrm * n)[None]))[0])
 
 
-@functools.partial(jax.jit, static_argnames=("params", "backend", "return_log"),
-                   compiler_options=XLA_OPTIONS)
 def dense_crf_batch(unary: jax.Array, images: jax.Array, valid_hw: jax.Array | None = None, *,
                     params: CRFParams | None = None, backend: Backend = DEFAULT_BACKEND,
                     return_log: bool = False) -> jax.Array:
   """`dense_crf` over a padded batch: unary [B, H, W, C], images [B, H, W, 3], valid_hw [B, 2].
 
-  Jitted (with `XLA_OPTIONS`). The lattice-based backends run the images one after another
-  (`lax.map`): their loops follow each image's number of lattice vertices, and their fusion
-  boundaries (`_materialize`) hold only for unbatched images; the other backends are vmapped.
+  The lattice-based backends run the images one after another (`lax.map`): their loops
+  follow each image's number of lattice vertices, and their fusion boundaries (`_materialize`)
+  hold only for unbatched images; the other backends are vmapped. For speed on CPU, jit the
+  top-level function that calls it with `compiler_options=XLA_OPTIONS` (JAX accepts compiler
+  options on the outermost jit only).
 
   Returns:
     [B, H, W, C] float32.

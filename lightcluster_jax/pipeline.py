@@ -169,12 +169,11 @@ def _mesh_batch(batch: int, mesh) -> int:
   return _round_up(batch, sharding.mesh_size(mesh))
 
 
-def _parallel(fn, mesh, batch_argnums, compiler_options=None):
+def _parallel(fn, mesh, batch_argnums):
   from lightcluster_jax import sharding
   if sharding.mesh_size(mesh) <= 1:
     return fn
-  return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums,
-                                compiler_options=compiler_options)
+  return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums)
 
 
 def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, progress=True,
@@ -744,11 +743,19 @@ def _run_pixel_buckets(items: Sequence[Item], payload: Callable, flush: Callable
 
 @functools.lru_cache(maxsize=16)
 def make_refine_fn(crf_params, backend, enabled: bool):
-  """Jitted `(prob [B,h,w], grid_hw [B,2], image [B,H,W,3] uint8, orig_hw [B,2]) -> fg prob`.
+  """`refine_batch_fn` jitted with `crf.XLA_OPTIONS` (the refine stage on one device)."""
+  return jax.jit(refine_batch_fn(crf_params, backend, enabled),
+                 compiler_options=crf_lib.XLA_OPTIONS)
+
+
+@functools.lru_cache(maxsize=16)
+def refine_batch_fn(crf_params, backend, enabled: bool):
+  """`(prob [B,h,w], grid_hw [B,2], image [B,H,W,3] uint8, orig_hw [B,2]) -> fg prob [B,H,W]`.
 
   Upsamples each image's patch probability bilinearly (PyTorch align_corners=False) onto its
   own valid pixel area of the padded batch, then runs the dense CRF there. The images run one
-  after another (`lax.map`, as `crf.dense_crf_batch`), compiled with `crf.XLA_OPTIONS`.
+  after another (`lax.map`, as `crf.dense_crf_batch`). Not jitted: jit it at the top level
+  with `compiler_options=crf.XLA_OPTIONS` (`make_refine_fn`, or `sharding.data_parallel`).
   """
   def one(prob, grid_hw, image, orig_hw):
     hh, ww = image.shape[:2]
@@ -763,8 +770,7 @@ def make_refine_fn(crf_params, backend, enabled: bool):
     q = crf_lib.dense_crf(unary, image.astype(jnp.float32), params=crf_params,
                           valid_hw=(orig_hw[0], orig_hw[1]), **kw)
     return q[..., 1]
-  return jax.jit(lambda *args: jax.lax.map(lambda a: one(*a), args),
-                 compiler_options=crf_lib.XLA_OPTIONS)
+  return lambda *args: jax.lax.map(lambda a: one(*a), args)
 
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
@@ -775,7 +781,12 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
     return
   params = crf_lib.get_params(cfg.preset)
   backend = None if cfg.backend == "default" else cfg.backend
-  fn = _parallel(make_refine_fn(params, backend, cfg.enabled), mesh, None, crf_lib.XLA_OPTIONS)
+  from lightcluster_jax import sharding
+  if sharding.mesh_size(mesh) <= 1:
+    fn = make_refine_fn(params, backend, cfg.enabled)
+  else:
+    fn = sharding.data_parallel(refine_batch_fn(params, backend, cfg.enabled), mesh,
+                                compiler_options=crf_lib.XLA_OPTIONS)
   bar = _bar(None, total=len(todo), desc="refine (CRF)" if cfg.enabled else "upsample",
              enabled=progress)
   batch = _mesh_batch(2, mesh)

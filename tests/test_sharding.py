@@ -367,7 +367,9 @@ REFINE_WORKER = textwrap.dedent("""
   one = np.asarray(fn(prob, grid_hw, images, orig_hw))
   mesh = sharding.data_mesh()
   assert sharding.mesh_size(mesh) == 8
-  eight = np.asarray(sharding.data_parallel(fn, mesh)(prob, grid_hw, images, orig_hw))
+  raw = pipeline.refine_batch_fn(crf.get_params("maskcontrast"), None, True)
+  eight = np.asarray(sharding.data_parallel(raw, mesh, compiler_options=crf.XLA_OPTIONS)(
+      prob, grid_hw, images, orig_hw))
   off = np.asarray(pipeline.make_refine_fn(None, None, False)(prob, grid_hw, images, orig_hw))
   np.savez(sys.argv[2], one=one, eight=eight, off=off)
 """)
