@@ -1110,8 +1110,8 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
     return x.reshape(x.shape[0], hc, cs, wc, cs)
 
   def pool(x):  # [..., hc, s, wc, s] -> [..., hc, wc]
-    # Rows of a block first (contiguous, vectorised), then the s columns: 2x faster on CPU
-    # than one reduction over both axes.
+    # Rows of a block first (contiguous), then the s columns: faster on CPU than one
+    # reduction over both axes.
     return x.sum(axis=-3).sum(axis=-1)
 
   def spread(x):  # [..., hc, wc] -> [..., hc, 1, wc, 1]
@@ -1156,7 +1156,10 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
   def apply(v):  # [K, H, W] -> [K, H, W]
     # Group sums and filtered group values go through buffers: fused, XLA:CPU redid the
     # pooling once per simplex corner and the lattice read-out once per pixel of the group.
-    pooled = _materialize(lambda: nrm * pool(blocks(v)[:, None] * groups), tok)
+    # The rows of a block are summed in one loop (contiguous) into a buffer, the s columns
+    # in a second: one fused reduction over both axes ran 2x slower.
+    rows = _materialize(lambda: (blocks(v)[:, None] * groups).sum(axis=-3), tok)
+    pooled = _materialize(lambda: nrm * rows.sum(axis=-1), tok)
     return readout(_materialize(lambda: nrm * filt(pooled), tok))
 
   return _Op(apply, readout(nrm * filt((nrm * n)[None]))[0])
