@@ -22,8 +22,9 @@ that both see the same machine load. Every part runs in its own subprocess with 
 (`--threads`, default 1: OMP/BLAS threads for scikit-learn and faiss, XLA's Eigen pool off for
 ours). On a machine shared with other jobs, OpenMP spin-waiting made the multi-threaded
 baselines 5-10x slower than single-threaded ones, so the default compares one thread each;
-`--threads 0` keeps every library's default threading. The last line printed is one JSON
-object.
+`--threads 0` keeps every library's default threading. With one thread, part (a)'s process is
+also pinned to one core (XLA:CPU ran parts of ours on a second thread despite the flags). The
+last line printed is one JSON object.
 
 Usage:
   python benchmarks/kmeans.py                    # full run (~15 min on this 2-core machine)
@@ -192,6 +193,7 @@ def bench_image_level(args) -> dict:
       speedup_per_repeat=[s / o for s, o in zip(sk_times, times)],
       ours_cpu_ms_per_set=1e3 * _median(cpu) / b, sklearn_cpu_ms_per_set=1e3 * _median(sk_cpu) / b,
       speedup_vs_sklearn_cpu_time=_median(sk_cpu) / _median(cpu),
+      cores_used=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       ours_inertia=ours_inertia, sklearn_inertia=sk_inertia,
       inertia_rel_diff=ours_inertia / sk_inertia - 1.0,
       ours_mean_iterations=float(np.mean(np.asarray(res.iterations))),
@@ -205,6 +207,10 @@ def bench_image_level(args) -> dict:
 
 def worker(args) -> dict:
   if args.method == "image":
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+      # One core for both sides (before JAX starts, so XLA sizes its thread pools to it):
+      # with XLA_FLAGS alone XLA:CPU still ran parts of ours on a second thread.
+      os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     return bench_image_level(args)
   x = read_dataset(args.data, args.n, args.dim)
   data_gb = x.nbytes / 1e9
