@@ -70,8 +70,8 @@ from jax import lax
 
 from lightcluster_jax.resize import resize as _resize
 
-__all__ = ["BACKENDS", "CRFParams", "PRESETS", "XLA_OPTIONS", "dense_crf", "dense_crf_batch", "get_params",
-           "lattice_filter", "mean_field", "spatial_filter", "unary_from_labels",
+__all__ = ["BACKENDS", "CRFParams", "PRESETS", "XLA_OPTIONS", "dense_crf", "dense_crf_batch",
+           "get_params", "lattice_filter", "mean_field", "spatial_filter", "unary_from_labels",
            "unary_from_probs"]
 
 Backend = Literal["superpixel", "lattice", "window", "exact"]

@@ -392,3 +392,20 @@ def test_superpixel_agrees_with_lattice_on_a_photo(assets, voc_ids):
     sp = np.asarray(_run(unary, image, params=p, backend="superpixel")).argmax(-1)
     assert np.mean(lat != probs.argmax(-1)) > 0.003         # the CRF does change labels
     assert np.mean(sp == lat) >= 0.95, (preset, np.mean(sp == lat))  # see above
+
+
+def test_superpixel_cell_padding_and_xla_options_change_nothing():
+  """A 14 x 11 image (not whole 4 px cells) is padded to 16 x 12 inside `dense_crf`: it equals
+  the result of padding by hand with valid_hw; and `XLA_OPTIONS` only changes the speed."""
+  unary, image = _problem(h=14, w=11, seed=21)
+  p = dataclasses.replace(SMALL, superpixel_size=4)
+  q = np.asarray(_run(unary, image, params=p, backend="superpixel"))
+  big_u = np.zeros((16, 12, 2), np.float32)
+  big_i = np.zeros((16, 12, 3), np.uint8)
+  big_u[:14, :11], big_i[:14, :11] = unary, image
+  by_hand = np.asarray(jax.jit(lambda u, im: crf.dense_crf(
+      u, im, params=p, backend="superpixel", valid_hw=(14, 11)))(big_u, big_i))[:14, :11]
+  np.testing.assert_allclose(q, by_hand, atol=1e-6)
+  opts = np.asarray(jax.jit(lambda u, im: crf.dense_crf(u, im, params=p, backend="superpixel"),
+                            compiler_options=crf.XLA_OPTIONS)(unary, image))
+  np.testing.assert_allclose(opts, q, atol=1e-5)
