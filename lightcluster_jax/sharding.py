@@ -240,7 +240,8 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
 
 @functools.lru_cache(maxsize=64)
 def _data_parallel(fn, mesh, batch_argnums, compiler_options):
-  """Cached per (fn, mesh, batch_argnums): repeated pipeline runs reuse the compiled code."""
+  """Cached per (fn, mesh, batch_argnums, compiler_options): repeated pipeline runs reuse the
+  compiled code."""
   n_dev = mesh_size(mesh)
   cache = {}
 
