@@ -238,10 +238,19 @@ def _gaussian_taps(sigma: float, truncate: float) -> np.ndarray:
 
 
 def _correlate_valid(xp: jax.Array, taps: np.ndarray, axis: int) -> jax.Array:
-  """Correlation of xp with `taps` along `axis`, only where the taps fit ("valid" mode):
-  the output is len(taps) - 1 shorter along `axis`."""
-  n = xp.shape[axis] - len(taps) + 1
-  return _rsum([float(t) * lax.slice_in_dim(xp, i, i + n, axis=axis) for i, t in enumerate(taps)])
+  """Correlation of xp with symmetric `taps` (odd length) along `axis`, only where the taps
+  fit ("valid" mode): the output is len(taps) - 1 shorter along `axis`.
+
+  The two slices that share a tap are added before the multiply (half the multiplies: 0.65 ->
+  0.50 ms per 368 x 500 filter with sigma 3, one core).
+  """
+  r = len(taps) // 2
+  if len(taps) % 2 == 0 or not np.array_equal(taps, taps[::-1]):
+    raise ValueError(f"taps must be symmetric with odd length, got {taps}")
+  n = xp.shape[axis] - 2 * r
+  sl = lambda i: lax.slice_in_dim(xp, i, i + n, axis=axis)
+  return _rsum([float(taps[r]) * sl(r)]
+               + [float(taps[r + k]) * (sl(r - k) + sl(r + k)) for k in range(1, r + 1)])
 
 
 def _pad_axis(x: jax.Array, r: int, axis: int) -> jax.Array:
@@ -598,7 +607,16 @@ def _chunks(n_items: jax.Array, chunk: int, body, init):
   return lax.while_loop(lambda c: c[0] < n, step, (jnp.int32(0), init))[1]
 
 
-_CHUNK = 1 << 14
+def _chunk_size(entries: int, fraction: int) -> int:
+  """Vertex chunk of the blur / neighbour-lookup loops: entries / fraction as a power of two
+  in [2^11, 2^14].
+
+  The loops run over the chunks that hold real vertices, so small chunks follow the vertex
+  count closely (the superpixel lattice of a VOC image has 2k-12k vertices for krahenbuhl:
+  fixed 16k-chunks did up to 8x the needed work), while the pixel lattice (~1M entries) keeps
+  few, large chunks (each costs a loop step).
+  """
+  return 1 << min(14, max(11, int(math.log2(max(entries // fraction, 1)))))
 
 
 def _blur(lat: _Lattice, vals: jax.Array, reverse: bool) -> jax.Array:
@@ -609,7 +627,7 @@ def _blur(lat: _Lattice, vals: jax.Array, reverse: bool) -> jax.Array:
   """
   dp1 = lat.nbr.shape[0] // 2
   size = vals.shape[0]
-  chunk = min(_CHUNK, size)
+  chunk = min(_chunk_size(size, 16), size)
   bufs = [vals, jnp.zeros_like(vals)]
   for k in range(dp1):
     j = dp1 - 1 - k if reverse else k
@@ -737,7 +755,7 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
       delta = np.array([d if c == j else -1 for c in range(d)], np.int64) * sgn
       offsets.append([int(np.sum(delta * coef[w])) % (1 << 32) for w in range(2)])
   offsets = np.asarray(offsets, np.uint32).T[:, :, None]  # [2, 2 (d+1), 1]
-  chunk = min(_CHUNK, e + 1)
+  chunk = min(_chunk_size(e, 32), e + 1)
 
   def lookup(start, nbr):
     start = jnp.minimum(start, e + 1 - chunk)
@@ -760,8 +778,10 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
     return lax.dynamic_update_slice(nbr, nb, (0, start))
 
   nbr = _chunks(num_vertices, chunk, lookup, jnp.full((2 * dp1, e + 1), e, jnp.int32))
-  return _Lattice(vid=vid.reshape(k, n), bary=jnp.where(valid[None], bary, 0.0), nbr=nbr,
-                  num_vertices=num_vertices)
+  # Into buffers: fused into every filter's splat and slice, the vertex-id gathers and the
+  # masking were recomputed per use.
+  vid, bary = _materialize(lambda: (vid.reshape(k, n), jnp.where(valid[None], bary, 0.0)), token)
+  return _Lattice(vid=vid, bary=bary, nbr=nbr, num_vertices=num_vertices)
 
 
 def lattice_filter(features: jax.Array, values: jax.Array, valid: jax.Array | None = None, *,
@@ -1165,9 +1185,14 @@ def _superpixel_bilateral_op(img: jax.Array, valid: jax.Array, params: CRFParams
   # sums are integers below 2^24 for uint8 images).
   col, g1 = _materialize(colour_and_split, tok)
   g0 = vb - g1
-  ys = jnp.broadcast_to(jnp.arange(hc * cs, dtype=jnp.float32).reshape(hc, cs, 1, 1), vb.shape)
-  chans = jnp.concatenate([jnp.ones_like(vb)[None], ys[None], col])  # 1, y, r, g, b
-  rows = _materialize(lambda: (chans[:, None] * jnp.stack([vb, g1])[None]).sum(axis=-3), tok)
+  ys = jnp.arange(hc * cs, dtype=jnp.float32).reshape(hc, cs, 1, 1)
+
+  def row_sums():  # [5 (1, y, r, g, b), 2 (valid, g1), hc, wc, s]: the rows of every block
+    # (the 1 and y channels are not stacked with the colours: that stack was a buffer of its own)
+    masks = jnp.stack([vb, g1])
+    return jnp.concatenate([masks.sum(-3)[None], (masks * ys).sum(-3)[None],
+                            (col[:, None] * masks[None]).sum(-3)])
+  rows = _materialize(row_sums, tok)
   xs = jnp.arange(wc * cs, dtype=jnp.float32).reshape(wc, cs)
   sums = _materialize(lambda: jnp.concatenate([(rows[:1] * xs).sum(-1), rows.sum(-1)]), tok)
   sums = jnp.stack([sums[:, 0] - sums[:, 1], sums[:, 1]], 1)  # [6 (x, 1, y, r, g, b), 2, hc, wc]
