@@ -178,6 +178,40 @@ def test_lattice_filter_approximates_gaussian_filter():
   assert np.all(part[~valid] == 0)
 
 
+@pytest.mark.parametrize("sigma", [1.0, 3.0])
+def test_spatial_filter_matches_truncated_dense_gaussian(sigma):
+  # Oracle: the dense [HW, HW] Gaussian of pixel positions in float64, cut at 4 sigma per axis
+  # (the separable filter's truncation), zero outside the array. Tolerance 1e-5 (float32).
+  rng = np.random.default_rng(21)
+  x = rng.random((2, 23, 31))
+  r = int(np.ceil(4.0 * sigma))
+  t = np.arange(-r, r + 1)
+  taps = np.exp(-0.5 * (t / sigma) ** 2)
+  ky = np.zeros((23, 23))
+  kx = np.zeros((31, 31))
+  for k, tap in zip(t, taps):
+    ky += tap * np.eye(23, k=k)
+    kx += tap * np.eye(31, k=k)
+  ref = np.einsum("ij,cjk,lk->cil", ky, x, kx)
+  ours = np.asarray(crf.spatial_filter(jnp.asarray(x, jnp.float32), sigma))
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["superpixel", "lattice", "window"])
+def test_spatial_term_matches_numpy_mean_field_with_padding(backend):
+  # Spatial kernel only: these backends share the separable filter and its normaliser (1-D
+  # factors for the valid rectangle). Oracle: the dense NumPy mean field on the valid region;
+  # 1e-4 covers the 4-sigma truncation.
+  unary, image = _problem(seed=11, scale=2.0)
+  p = dataclasses.replace(SMALL, bilateral_compat=0.0)
+  ref = _numpy_mean_field(unary, image, p)
+  big_u = np.zeros((16, 13, 2), np.float32)
+  big_i = np.zeros((16, 13, 3), np.uint8)
+  big_u[:12, :10], big_i[:12, :10] = unary, image
+  q = np.asarray(_run(big_u, big_i, params=p, backend=backend, valid_hw=(12, 10)))
+  np.testing.assert_allclose(q[:12, :10], ref, atol=1e-4)
+
+
 def test_lattice_filter_vjp_is_the_transpose():
   rng = np.random.default_rng(6)
   f = jnp.asarray(rng.normal(size=(60, 5)) * 1.5, jnp.float32)
