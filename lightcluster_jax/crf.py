@@ -748,14 +748,16 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
       eid, mode="drop")  # owner corner entry of each compact vertex id
   mask = jnp.uint32(table.shape[0] - 1)
   coef = _hash_coeffs(d).astype(np.int64)
+  # Only the + neighbours are looked up: the - neighbour of u in direction j is the vertex v
+  # whose + neighbour is u, so it is filled in by a scatter (half the hash lookups).
   offsets = []
-  for sgn in (-1, 1):
-    for j in range(dp1):
-      # lattice direction j: +d on coordinate j, -1 on the others (coordinate d is implicit)
-      delta = np.array([d if c == j else -1 for c in range(d)], np.int64) * sgn
-      offsets.append([int(np.sum(delta * coef[w])) % (1 << 32) for w in range(2)])
-  offsets = np.asarray(offsets, np.uint32).T[:, :, None]  # [2, 2 (d+1), 1]
+  for j in range(dp1):
+    # lattice direction j: +d on coordinate j, -1 on the others (coordinate d is implicit)
+    delta = np.array([d if c == j else -1 for c in range(d)], np.int64)
+    offsets.append([int(np.sum(delta * coef[w])) % (1 << 32) for w in range(2)])
+  offsets = np.asarray(offsets, np.uint32).T[:, :, None]  # [2, d+1, 1]
   chunk = min(_chunk_size(e, 32), e + 1)
+  directions = np.arange(dp1)[:, None]
 
   def lookup(start, nbr):
     start = jnp.minimum(start, e + 1 - chunk)
@@ -772,10 +774,13 @@ def _lattice_build(f: jax.Array, valid: jax.Array, corners: int | None = None) -
       g1, g2 = _fingerprint_of((pre[0][None] + offsets[0], pre[1][None] + offsets[1]))
       return g1.reshape(-1), g2.reshape(-1)
     g1, g2 = _materialize(neighbour_fingerprints, token)
-    res = _hash_lookup(table, fp, (g1, g2), jnp.concatenate([live] * (2 * dp1)), mask, token)
-    res = res.reshape(2 * dp1, chunk)
-    nb = jnp.where(live[None] & (res >= 0), _take(cid, jnp.maximum(res, 0)), e)
-    return lax.dynamic_update_slice(nbr, nb, (0, start))
+    res = _hash_lookup(table, fp, (g1, g2), jnp.concatenate([live] * dp1), mask, token)
+    res = res.reshape(dp1, chunk)
+    plus = jnp.where(live[None] & (res >= 0), _take(cid, jnp.maximum(res, 0)), e)  # [d+1, chunk]
+    nbr = lax.dynamic_update_slice(nbr, plus, (dp1, start))
+    ids = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), plus.shape)
+    return nbr.at[np.broadcast_to(directions, plus.shape), jnp.where(plus < e, plus, e + 1)].set(
+        ids, mode="drop")
 
   nbr = _chunks(num_vertices, chunk, lookup, jnp.full((2 * dp1, e + 1), e, jnp.int32))
   # Into buffers: fused into every filter's splat and slice, the vertex-id gathers and the
