@@ -301,11 +301,12 @@ def _spatial_op(h: int, w: int, valid_hw, params: CRFParams, token: jax.Array) -
   r = len(taps) // 2
   vh, vw = (h, w) if valid_hw is None else (valid_hw[0], valid_hw[1])
 
+  blur1d = lambda x: _correlate_valid(_pad_axis(x, r, 0), taps, 0)  # [size] -> [size]
+
   def axis_terms(size, valid_len):  # (D^-1/2 along one axis, its Ktilde 1 factor), [size] each
     ind = (jnp.arange(size) < valid_len).astype(jnp.float32)
-    d = _correlate_valid(jnp.pad(ind, r), taps, 0)
-    nrm = jnp.where(ind > 0, lax.rsqrt(d), 0.0)
-    return nrm, nrm * _correlate_valid(jnp.pad(nrm, r), taps, 0)
+    nrm = jnp.where(ind > 0, lax.rsqrt(blur1d(ind)), 0.0)
+    return nrm, nrm * blur1d(nrm)
 
   ny, oy = axis_terms(h, vh)
   nx, ox = axis_terms(w, vw)
