@@ -55,7 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from lightcluster_jax import crf  # noqa: E402
-from lightcluster_jax.resize import resize as _resize  # noqa: E402
+from lightcluster_jax.blocks.resize import resize as _resize  # noqa: E402
 
 
 def assets_dir() -> pathlib.Path:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
 
-  from checkpoints_conversion import keymap
+  from lightcluster_jax.weights import keymap
   from lightcluster_jax import vit
 
   torch = None

@@ -113,7 +113,7 @@ def verify(cfg, params, torch_state_dict, *, sizes, batch: int = 2, seed: int = 
 
 
 def main(argv=None) -> int:
-  from checkpoints_conversion import keymap
+  from lightcluster_jax.weights import keymap
   from lightcluster_jax import vit, weights
 
   args = build_parser().parse_args(argv)

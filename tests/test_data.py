@@ -14,7 +14,7 @@ from lightcluster_jax import data as D
 from lightcluster_jax.data import coco as C
 from lightcluster_jax.data import images as I
 from lightcluster_jax.data import voc as V
-from lightcluster_jax.metrics import COCO81_CLASSES, VOC_PALETTE
+from lightcluster_jax.blocks.metrics import COCO81_CLASSES, VOC_PALETTE
 
 
 def _rgb(h, w, seed=0):

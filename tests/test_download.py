@@ -114,7 +114,7 @@ def test_fetch_official_caches_records_and_rechecks_the_hash(server, tmp_path):
 
 def test_cli_convert_downloads_official_dino_vits8(server, tmp_path, capsys):
   torch = pytest.importorskip("torch")
-  from checkpoints_conversion import keymap
+  from lightcluster_jax.weights import keymap
 
   cfg = vit.get_config("dino_vits8")
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from lightcluster_jax.cli import main as cli_main
+from lightcluster_jax.apps.cli import main as cli_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

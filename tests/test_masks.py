@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightcluster_jax import masks as M
+from lightcluster_jax.blocks import components as C
+from lightcluster_jax.stages import masks as M
 
 ndi = pytest.importorskip("scipy.ndimage")
 
@@ -30,7 +31,7 @@ def structure(connectivity):
 def test_connected_components_equal_scipy_label(connectivity):
   rng = np.random.default_rng(connectivity)
   masks = np.concatenate([rng.random((4, 23, 31)) < p for p in (0.2, 0.45, 0.6, 0.8)])
-  ours = np.asarray(jax.jit(lambda m: M.connected_components(m, connectivity=connectivity))(
+  ours = np.asarray(jax.jit(lambda m: C.connected_components(m, connectivity=connectivity))(
       masks))
   for m, o in zip(masks, ours):
     ref, _ = ndi.label(m, structure(connectivity))
@@ -45,24 +46,24 @@ def test_connected_components_long_snake_and_large_grid():
   snake[3::4, 0] = True                        # one 2000-pixel path winding through the grid
   ref, n = ndi.label(snake)
   assert n == 1
-  np.testing.assert_array_equal(np.asarray(M.connected_components(snake)), ref)
+  np.testing.assert_array_equal(np.asarray(C.connected_components(snake)), ref)
   big = np.random.default_rng(0).random((256, 256)) < 0.55
-  np.testing.assert_array_equal(np.asarray(M.connected_components(big)), ndi.label(big)[0])
+  np.testing.assert_array_equal(np.asarray(C.connected_components(big)), ndi.label(big)[0])
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_component_sizes_and_small_component_removal(connectivity):
   rng = np.random.default_rng(3)
   masks = rng.random((3, 17, 19)) < 0.5
-  labels = M.connected_components(masks, connectivity=connectivity)
-  sizes = np.asarray(M.component_sizes(labels))
-  cleaned = np.asarray(M.remove_small_components(masks, 4, connectivity=connectivity))
+  labels = C.connected_components(masks, connectivity=connectivity)
+  sizes = np.asarray(C.component_sizes(labels))
+  cleaned = np.asarray(C.remove_small_components(masks, 4, connectivity=connectivity))
   for m, s, c in zip(masks, sizes, cleaned):
     ref, n = ndi.label(m, structure(connectivity))
     np.testing.assert_array_equal(s[:n + 1], np.bincount(ref.ravel(), minlength=n + 1))
     big = np.bincount(ref.ravel())[ref] >= 4
     np.testing.assert_array_equal(c, m & big)
-  np.testing.assert_array_equal(np.asarray(M.remove_small_components(masks, 1)), masks)
+  np.testing.assert_array_equal(np.asarray(C.remove_small_components(masks, 1)), masks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_component_sizes_and_small_component_removal(connectivity):
 def test_valid_border_and_border_fraction_on_padded_grid():
   valid = np.zeros((5, 6), bool)
   valid[:4, :5] = True                         # a padded image: valid 4x5 top-left rectangle
-  border = np.asarray(M.valid_border(valid))
+  border = np.asarray(C.valid_border(valid))
   expected = valid.copy()
   expected[1:3, 1:4] = False
   np.testing.assert_array_equal(border, expected)
@@ -92,7 +93,7 @@ def test_dilate_within_valid_equals_scipy():
   valid[0, :7, :9] = True
   valid[1] = True
   for it in (1, 2):
-    ours = np.asarray(M.dilate(m, valid, iterations=it))
+    ours = np.asarray(C.dilate(m, valid, iterations=it))
     for b in range(2):
       ref = m[b] & valid[b]
       for _ in range(it):
@@ -352,4 +353,4 @@ def test_multilevel_bad_inputs():
   with pytest.raises(ValueError, match="cls"):
     M.multilevel_foreground(keys, valid, cls[:1], None, key=jax.random.key(0))
   with pytest.raises(ValueError, match="connectivity"):
-    M.connected_components(np.ones((3, 3), bool), connectivity=6)
+    C.connected_components(np.ones((3, 3), bool), connectivity=6)

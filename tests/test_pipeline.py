@@ -15,7 +15,7 @@ from PIL import Image
 
 from lightcluster_jax import config as config_lib
 from lightcluster_jax import pipeline, vit, weights
-from lightcluster_jax.cli import main as cli_main
+from lightcluster_jax.apps.cli import main as cli_main
 from lightcluster_jax.data import synthetic_scene
 
 ARCH = vit.get_config("dino_vits16", depth=2)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightcluster_jax.resize import resize, upsample_labels, upsample_probs
+from lightcluster_jax.blocks.resize import resize, upsample_labels, upsample_probs
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -18,7 +18,7 @@ from lightcluster_jax import vit
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from checkpoints_conversion import keymap  # noqa: E402
+from lightcluster_jax.weights import keymap  # noqa: E402
 from checkpoints_conversion import torch_reference as tref  # noqa: E402
 
 ATOL = 1e-4

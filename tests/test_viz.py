@@ -130,7 +130,7 @@ def test_upsample_nearest_integer_factor_is_repeat():
 
 @pytest.mark.parametrize("grid_hw, out_hw", [((23, 31), (333, 500)), ((32, 24), (375, 281))])
 def test_upsample_nearest_matches_resize(grid_hw, out_hw):
-  from lightcluster_jax.resize import resize
+  from lightcluster_jax.blocks.resize import resize
   grid = np.random.RandomState(0).randint(0, 50, grid_hw)
   ref = np.asarray(resize(grid.astype(np.float32)[..., None], out_hw, method="nearest"))[..., 0]
   np.testing.assert_array_equal(viz.upsample_nearest(grid, out_hw), ref.astype(grid.dtype))

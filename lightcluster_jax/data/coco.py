@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from lightcluster_jax.data import images as _images
-from lightcluster_jax.metrics import COCO81_CLASSES
+from lightcluster_jax.blocks.metrics import COCO81_CLASSES
 
 PathLike = str | os.PathLike
 

@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 
 from lightcluster_jax.data import coco as _coco
 from lightcluster_jax.data import voc as _voc
-from lightcluster_jax.metrics import COCO81_CLASSES, VOC_CLASSES
+from lightcluster_jax.blocks.metrics import COCO81_CLASSES, VOC_CLASSES
 
 _DEFAULT_FORMAT = "array_record"
 

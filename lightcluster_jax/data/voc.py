@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lightcluster_jax.data import images as _images
-from lightcluster_jax.metrics import VOC_CLASSES, VOC_PALETTE
+from lightcluster_jax.blocks.metrics import VOC_CLASSES, VOC_PALETTE
 
 PathLike = str | os.PathLike
 

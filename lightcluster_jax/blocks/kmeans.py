@@ -55,7 +55,7 @@ import numpy as np
 __all__ = [
     "KMeansResult", "kmeans", "batched_kmeans", "grouped_kmeans", "assign",
     "lloyd_statistics", "grouped_lloyd_statistics", "kmeans_on_sample", "fit_streaming",
-    "sample_indices",
+    "sample_indices", "l2_normalize",
 ]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -90,8 +90,23 @@ class KMeansResult(NamedTuple):
 # Small shared pieces.
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit L2 norm (zero rows stay zero)."""
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows scaled to unit L2 norm: `x / max(||x||, eps)` (zero rows stay zero).
+
+  The one L2 normalisation of the package (Keys, CLS descriptors, cosine k-means).
+
+  Args:
+    x: [..., D] float.
+    eps: floor of the norm.
+
+  Returns:
+    [..., D], same dtype.
+
+  Example:
+    >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+    Array([[0.6, 0.8],
+           [0. , 0. ]], dtype=float32)
+  """
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
   return x / jnp.maximum(norm, eps)
 
@@ -219,7 +234,7 @@ class _Pass(NamedTuple):
 def _chunk_stats(x, w, centroids, cosine: bool, stats: bool):
   x = x.astype(jnp.float32)
   if cosine:
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
   labels, dist = _estep(x, jnp.sum(x * x, axis=-1), centroids)
   k = centroids.shape[0]
   if stats:
@@ -281,7 +296,7 @@ def _relocate_empty(x, w, labels, dist, sums, counts, cosine: bool = False):
   ws = jnp.where(ok, w[src], 0.0)
   xs = x[src].astype(jnp.float32)
   if cosine:
-    xs = _l2_normalize(xs)
+    xs = l2_normalize(xs)
   moved = xs * ws[:, None]
   old = labels[src]
   sums = sums - jax.ops.segment_sum(moved, old, num_segments=k)
@@ -351,9 +366,9 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
     runs = jax.vmap(one_run)(jax.random.split(key, n_init))
     return jax.tree_util.tree_map(lambda a: a[jnp.argmin(runs.inertia)], runs)
   if cosine and not chunked:
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
   # Seeding and the tolerance see normalised points; chunked passes normalise on the fly.
-  xs = _l2_normalize(x) if (cosine and chunked) else x
+  xs = l2_normalize(x) if (cosine and chunked) else x
   xs_sq = jnp.sum(xs * xs, axis=-1)
   valid = w > 0
   tol_abs = _tolerance(xs, xs_sq, valid, tol)
@@ -459,7 +474,7 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
   v = valid.astype(jnp.float32)
   raw_sq = jnp.sum(x * x, axis=-1)
   if cosine:
-    # The rows of the normalised points are x_i * rs_i (as `_l2_normalize`).
+    # The rows of the normalised points are x_i * rs_i (as `l2_normalize`).
     norm = jnp.sqrt(raw_sq)
     rs = 1.0 / jnp.maximum(norm, 1e-12)
     x_sq = jnp.square(norm * rs)
@@ -857,7 +872,7 @@ def _grouped_single(x, w, gid, key, init_centroids, tol, *, num_groups: int, k: 
   g = num_groups
   x = x.astype(jnp.float32)
   if cosine:
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
   x_sq = jnp.sum(x * x, axis=-1)
   valid = w > 0
   vf = valid.astype(jnp.float32)
@@ -1049,7 +1064,7 @@ def grouped_lloyd_statistics(points, group_ids, mask, centroids, *, weights=None
   w = _effective_weights(points.shape[0], m, weights)
   x = points.astype(jnp.float32)
   if cosine:
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
   x_sq = jnp.sum(x * x, axis=-1)
   d = _own_group_dists(x, x_sq, gid, jnp.asarray(centroids, jnp.float32))
   labels = jnp.argmin(d, axis=1)
@@ -1287,7 +1302,7 @@ def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=No
   info = dict(sample_iterations=int(fit.iterations), refine_epochs=0, refine_shifts=[])
   if refine_iters > 0:
     s = jnp.asarray(sample, jnp.float32)
-    s = _l2_normalize(s) if cosine else s
+    s = l2_normalize(s) if cosine else s
     s_sq = jnp.sum(s * s, -1)
     tol_abs = float(_tolerance(s, s_sq, jnp.ones(s_sq.shape, bool),
                                kmeans_kwargs.get("tol", 1e-4)))
@@ -1444,7 +1459,7 @@ def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
     raise ValueError(f"fit_streaming: only {sample.shape[0]} valid points for k={k}")
   sample_j = jnp.asarray(sample, jnp.float32)
   if cosine:
-    sample_j = _l2_normalize(sample_j)
+    sample_j = l2_normalize(sample_j)
   if isinstance(init, str):
     centroids = kmeans(sample_j, k, key=k_fit, init=init, n_init=n_init,
                        max_iter=sample_max_iter, tol=tol, chunk_size=chunk_size).centroids

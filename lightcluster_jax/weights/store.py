@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lightcluster_jax import vit
+from lightcluster_jax.blocks import vit
 
 FORMAT = "lightcluster_jax.vit/1"
 _META = "__meta__"
@@ -256,7 +256,7 @@ def load_any(path, arch: str | vit.ViTConfig | None = None, *,
   Returns:
     (arch, params) as `load`.
   """
-  from checkpoints_conversion import keymap  # NumPy-only key mapping
+  from lightcluster_jax.weights import keymap  # NumPy-only key mapping
 
   path = pathlib.Path(path)
   if path.suffix.lower() == ".npz":

@@ -36,85 +36,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lightcluster_jax import kmeans as _km
+from lightcluster_jax.blocks import components
+from lightcluster_jax.blocks import kmeans as _km
 
 __all__ = [
-    "valid_border", "dilate", "border_fraction", "image_level_foreground",
+    "border_fraction", "image_level_foreground",
     "cluster_foreground_share", "foreground_clusters", "trusted_level", "category_groups",
     "consistency",
-    "connected_components", "component_sizes", "remove_small_components",
     "soft_foreground", "multilevel_foreground", "RULES",
 ]
 
 RULES = ("dc_and_i", "d_and_i", "all", "majority", "image_only")
-
-_N4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
-_N8 = _N4 + ((-1, -1), (-1, 1), (1, -1), (1, 1))
-
-
-def _shifted(x: jax.Array, dy: int, dx: int, fill) -> jax.Array:
-  """out[..., i, j] = x[..., i + dy, j + dx] (fill outside the grid)."""
-  h, w = x.shape[-2:]
-  pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
-  p = jnp.pad(x, pad, constant_values=fill)
-  return p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-
-
-def valid_border(valid: jax.Array) -> jax.Array:
-  """Border of the valid region: valid patches with a 4-neighbour outside it (or the grid).
-
-  Args:
-    valid: [..., h, w] bool. For a padded image (valid top-left rectangle of size hv x wv)
-      this is the outer ring of that rectangle.
-
-  Returns:
-    [..., h, w] bool.
-  """
-  valid = jnp.asarray(valid, bool)
-  inner = valid
-  for dy, dx in _N4:
-    inner = inner & _shifted(valid, dy, dx, False)
-  return valid & ~inner
-
-
-def dilate(mask: jax.Array, valid: Optional[jax.Array] = None, *, iterations: int = 1,
-           connectivity: int = 8) -> jax.Array:
-  """Binary dilation by a 3x3 square (connectivity 8) or cross (4), kept inside `valid`.
-
-  Args:
-    mask: [..., h, w] bool.
-    valid: optional [..., h, w] bool; the result never leaves it (and does not grow through
-      padding).
-    iterations: number of dilation steps (0 = identity).
-    connectivity: 8 (square) or 4 (cross).
-
-  Returns:
-    [..., h, w] bool.
-  """
-  return _dilate(mask, valid, iterations=iterations, connectivity=connectivity)
-
-
-def _dilate(mask: jax.Array, valid: Optional[jax.Array] = None, *, iterations: int = 1,
-            connectivity: int = 8) -> jax.Array:
-  """`dilate` (kept separate: `consistency` has an argument named `dilate`)."""
-  nbrs = _neighbours(connectivity)
-  mask = jnp.asarray(mask, bool)
-  if valid is not None:
-    mask = mask & valid
-  for _ in range(int(iterations)):
-    out = mask
-    for dy, dx in nbrs:
-      out = out | _shifted(mask, dy, dx, False)
-    mask = out if valid is None else out & valid
-  return mask
-
-
-def _neighbours(connectivity: int):
-  if connectivity == 4:
-    return _N4
-  if connectivity == 8:
-    return _N8
-  raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
 
 
 def border_fraction(assignment: jax.Array, valid: jax.Array, k: int) -> jax.Array:
@@ -132,7 +64,7 @@ def border_fraction(assignment: jax.Array, valid: jax.Array, k: int) -> jax.Arra
   """
   valid = jnp.asarray(valid, bool)
   onehot = (assignment[..., None] == jnp.arange(k)) & valid[..., None]
-  border = valid_border(valid)
+  border = components.valid_border(valid)
   n = jnp.sum(onehot, axis=(-3, -2)).astype(jnp.float32)
   nb = jnp.sum(onehot & border[..., None], axis=(-3, -2)).astype(jnp.float32)
   return jnp.where(n > 0, nb / jnp.maximum(n, 1.0), 1.0)
@@ -192,7 +124,7 @@ def image_level_foreground(keys, valid, cls_attn=None, *, keys_prng, k: int = 2,
   bf = jax.vmap(lambda a, v: border_fraction(a, v, k))(assignment, valid)
   onehot = (assignment[..., None] == jnp.arange(k)) & valid[..., None]
   counts = jnp.sum(onehot, axis=(1, 2)).astype(jnp.float32)
-  border = valid_border(valid)
+  border = components.valid_border(valid)
   b0 = jnp.sum(border, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
   if cls_attn is None:
     fg_clusters = jax.vmap(lambda f, c, z: _pick_image_fg(f, c, None, z, tie_tol))(
@@ -392,114 +324,7 @@ def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and
     dc = dc & jnp.asarray(category_fg, bool)
   if rule == "all":
     return dc & i
-  return dc & _dilate(i, valid, iterations=int(dilate))
-
-
-# ----------------------------------------------------------------------------------------------
-# Connected components (jittable).
-
-
-def _cc_2d(mask: jax.Array, neighbours) -> jax.Array:
-  """Component labels of one [H, W] mask: 0 background, 1..n in raster order of first pixel."""
-  h, w = mask.shape
-  n = h * w
-  big = jnp.int32(n)
-  idx = jnp.arange(n, dtype=jnp.int32)
-  fg = mask.reshape(-1)
-  parent = jnp.concatenate([jnp.where(fg, idx, big), big[None]])   # slot n: background sink
-
-  def neighbour_min(lab):
-    grid = lab[:n].reshape(h, w)
-    m = grid
-    for dy, dx in neighbours:
-      m = jnp.minimum(m, _shifted(grid, dy, dx, n))
-    return jnp.where(fg, m.reshape(-1), big)
-
-  def body(state):
-    parent, _ = state
-    m = neighbour_min(parent)
-    # Hook: the root a pixel points to adopts the smallest label seen around the pixel, so
-    # whole trees merge in one step (Shiloach-Vishkin style), not one pixel per step.
-    new = parent.at[parent[:n]].min(m).at[:n].min(m).at[n].set(big)
-    # Pointer jumping: every pixel moves to its grandparent (halves path lengths).
-    new = new[new]
-    new = new[new]
-    return new, jnp.any(new != parent)
-
-  parent, _ = jax.lax.while_loop(lambda s: s[1], body, (parent, jnp.asarray(True)))
-  root = parent[:n]
-  is_root = fg & (root == idx)
-  rank = jnp.cumsum(is_root.astype(jnp.int32))
-  labels = jnp.where(fg, rank[jnp.clip(root, 0, n - 1)], 0)
-  return labels.reshape(h, w).astype(jnp.int32)
-
-
-def connected_components(mask: jax.Array, *, connectivity: int = 4) -> jax.Array:
-  """Connected components of a binary mask, in JAX (jit / vmap friendly).
-
-  Iterative min-label propagation with root hooking and pointer jumping inside a
-  `lax.while_loop` until nothing changes; each pixel ends pointing at the smallest flat index
-  of its component, and components are then numbered 1..n in raster order of their first
-  pixel: exactly the labels of `scipy.ndimage.label` (with the matching structure).
-  Typical masks converge in a few tens of iterations (each O(H*W)), so 512x512 is fine.
-
-  Args:
-    mask: [..., H, W] bool (leading axes are vmapped).
-    connectivity: 4 (edges) or 8 (edges and corners).
-
-  Returns:
-    [..., H, W] int32 labels: 0 = background, 1..n = components.
-
-  Example:
-    >>> connected_components(jnp.array([[1, 0, 1], [1, 0, 0]], bool))
-    Array([[1, 0, 2],
-           [1, 0, 0]], dtype=int32)
-  """
-  nbrs = _neighbours(connectivity)
-  mask = jnp.asarray(mask, bool)
-  if mask.ndim < 2:
-    raise ValueError(f"connected_components: mask must be [..., H, W], got {mask.shape}")
-  lead = mask.shape[:-2]
-  flat = mask.reshape((-1,) + mask.shape[-2:])
-  out = jax.vmap(lambda m: _cc_2d(m, nbrs))(flat)
-  return out.reshape(mask.shape)
-
-
-def component_sizes(labels: jax.Array) -> jax.Array:
-  """Pixel count of every label of a `connected_components` output.
-
-  Args:
-    labels: [..., H, W] int32 labels (0 = background).
-
-  Returns:
-    [..., H*W + 1] int32 counts indexed by label (index 0 counts the background).
-  """
-  h, w = labels.shape[-2:]
-  flat = labels.reshape((-1, h * w))
-  sizes = jax.vmap(lambda l: jnp.bincount(l, length=h * w + 1))(flat)
-  return sizes.reshape(labels.shape[:-2] + (h * w + 1,)).astype(jnp.int32)
-
-
-def remove_small_components(mask: jax.Array, min_size: int, *,
-                            connectivity: int = 4) -> jax.Array:
-  """Drops the connected components of `mask` smaller than `min_size` pixels.
-
-  Args:
-    mask: [..., H, W] bool.
-    min_size: minimum component size to keep (<= 1 keeps everything).
-    connectivity: 4 or 8.
-
-  Returns:
-    [..., H, W] bool.
-  """
-  mask = jnp.asarray(mask, bool)
-  if min_size <= 1:
-    return mask
-  labels = connected_components(mask, connectivity=connectivity)
-  sizes = component_sizes(labels)
-  h, w = mask.shape[-2:]
-  own = jnp.take_along_axis(sizes.reshape(-1, h * w + 1), labels.reshape(-1, h * w), axis=1)
-  return mask & (own.reshape(mask.shape) >= min_size)
+  return dc & components.dilate(i, valid, iterations=int(dilate))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,7 +353,7 @@ def soft_foreground(keys, fg_centroid, bg_centroid, mask, *, temperature: float 
   b, p, d = _check_keys(keys, mask, "soft_foreground")
   x = jnp.asarray(keys, jnp.float32)
   if normalize:
-    x = _km._l2_normalize(x)
+    x = _km.l2_normalize(x)
   fc = jnp.broadcast_to(jnp.asarray(fg_centroid, jnp.float32), (b, d))
   bc = jnp.broadcast_to(jnp.asarray(bg_centroid, jnp.float32), (b, d))
   d_f = jnp.sum((x - fc[:, None]) ** 2, -1)
@@ -557,7 +382,7 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
                 flip_share):
   b, p, d = keys.shape
   h, w = valid.shape[1:]
-  x = _km._l2_normalize(keys.astype(jnp.float32))
+  x = _km.l2_normalize(keys.astype(jnp.float32))
   vflat = valid.reshape(b, p)
   k_img, k_grp, k_cat, k_dat = jax.random.split(key, 4)
 
@@ -620,7 +445,7 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
 
   # 5. Consistency, cleanup, empty fallback.
   raw = consistency(d_used, c_used, i_fg, valid, rule=rule, dilate=dilate)
-  clean = remove_small_components(raw, min_region_patches, connectivity=connectivity)
+  clean = components.remove_small_components(raw, min_region_patches, connectivity=connectivity)
   empty = ~jnp.any(clean, axis=(1, 2))
   final = jnp.where(empty[:, None, None], i_fg, clean)
 
@@ -715,7 +540,7 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
   if cls_attn is not None and jnp.shape(cls_attn) != (b, p):
     raise ValueError(f"multilevel_foreground: `cls_attn` has shape {jnp.shape(cls_attn)}, "
                      f"expected {(b, p)}")
-  _neighbours(connectivity)
+  components.neighbours(connectivity)
   ids = jnp.arange(b) if image_ids is None else jnp.asarray(image_ids)
   attn = jnp.zeros((b, p), jnp.float32) if cls_attn is None else jnp.asarray(cls_attn)
   return _multilevel(

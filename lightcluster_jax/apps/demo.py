@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from lightcluster_jax import config as config_lib
-from lightcluster_jax import pipeline, viz
+from lightcluster_jax.runner import pipeline
+from lightcluster_jax.apps import viz
 
 OFFLINE_HELP = (
     "could not download the official DINO ViT-S/8 weights ({error}). Provide a checkpoint "
@@ -34,12 +35,12 @@ def demo_config(image_size: int = 224, num_images: int = 4):
 def _weights(weights):
   from lightcluster_jax import weights as weights_lib
   if weights is None:
-    from lightcluster_jax.cli import CLIError
+    from lightcluster_jax.apps.cli import CLIError
     try:
       weights = weights_lib.fetch_official("dino_vits8")
     except Exception as e:  # offline, proxy, ...
       raise CLIError(OFFLINE_HELP.format(error=e)) from e
-  from lightcluster_jax.cli import _load_weights
+  from lightcluster_jax.apps.cli import _load_weights
   return _load_weights(weights)
 
 

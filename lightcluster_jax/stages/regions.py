@@ -18,9 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lightcluster_jax import kmeans as kmeans_lib
-from lightcluster_jax import masks as masks_lib
-from lightcluster_jax.resize import interpolation_matrix
+from lightcluster_jax.blocks import kmeans as kmeans_lib
+from lightcluster_jax.blocks import components
+from lightcluster_jax.blocks.resize import interpolation_matrix
 
 
 class Regions(NamedTuple):
@@ -64,7 +64,7 @@ def find_regions(fg: jax.Array, *, max_regions: int, min_region_pixels: int,
   if whole_foreground:
     comp = fg.astype(jnp.int32)  # one component, label 1
   else:
-    comp = masks_lib.connected_components(fg, connectivity=connectivity)
+    comp = components.connected_components(fg, connectivity=connectivity)
   # Compact arbitrary component labels into 0..n-1 (0 = background).
   flat = comp.reshape(-1)
   n_slots = h * w + 1

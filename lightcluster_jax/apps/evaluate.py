@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-from lightcluster_jax import metrics
+from lightcluster_jax.blocks import metrics
 from lightcluster_jax.data import voc
 
 
@@ -100,7 +100,7 @@ def stage_foreground_ious(result: dict, gt_dir, *, ignore_index: int = 255) -> d
   Returns:
     {stage: {"mean": per-image mean, "pooled": total I / total U}}.
   """
-  from lightcluster_jax.resize import resize
+  from lightcluster_jax.blocks.resize import resize
   gt_dir = pathlib.Path(gt_dir)
   stages = result["stages"]
   counts = {s: ([], []) for s in PATCH_STAGES + ("refined", "final")}

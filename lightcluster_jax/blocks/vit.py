@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcluster_jax.resize import resize
+from lightcluster_jax.blocks.resize import resize
 
 __all__ = [
     "ARCHS", "OUTPUTS", "ViTConfig", "VisionTransformer", "apply", "get_config", "init_params",

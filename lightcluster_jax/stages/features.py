@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lightcluster_jax import vit
+from lightcluster_jax.blocks import kmeans, vit
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -111,10 +111,6 @@ def pad_batch(items: Sequence[Preprocessed], grid_hw: tuple[int, int], patch_siz
   return pixels, mask
 
 
-def _l2_normalise(x, axis=-1, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
 @functools.lru_cache(maxsize=16)
 def make_feature_fn(arch, *, dtype=jnp.float32):
   """Jitted `(params, pixels [B,H,W,3], mask [B,h,w]) -> dict` of method features.
@@ -127,7 +123,7 @@ def make_feature_fn(arch, *, dtype=jnp.float32):
   @jax.jit
   def fn(params, pixels, mask):
     out = apply_fn(params, pixels, mask)
-    return {"keys": _l2_normalise(out["keys"].astype(jnp.float32)),
+    return {"keys": kmeans.l2_normalize(out["keys"].astype(jnp.float32)),
             "cls": out["cls"].astype(jnp.float32),
             "cls_attn": out["cls_attn"].astype(jnp.float32).mean(axis=1)}
   return fn

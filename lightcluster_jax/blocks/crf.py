@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lightcluster_jax.resize import resize as _resize
+from lightcluster_jax.blocks.resize import resize as _resize
 
 __all__ = ["BACKENDS", "CRFParams", "PRESETS", "XLA_OPTIONS", "dense_crf", "dense_crf_batch",
            "get_params", "lattice_filter", "mean_field", "spatial_filter", "unary_from_labels",

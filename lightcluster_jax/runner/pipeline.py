@@ -38,14 +38,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lightcluster_jax import assign as assign_lib
-from lightcluster_jax import crf as crf_lib
-from lightcluster_jax import features as features_lib
-from lightcluster_jax import kmeans as kmeans_lib
-from lightcluster_jax import masks as masks_lib
-from lightcluster_jax import vit
+from lightcluster_jax.stages import regions as assign_lib
+from lightcluster_jax.blocks import crf as crf_lib
+from lightcluster_jax.stages import features as features_lib
+from lightcluster_jax.blocks import kmeans as kmeans_lib
+from lightcluster_jax.stages import masks as masks_lib
+from lightcluster_jax.blocks import vit
 from lightcluster_jax.config import config_hash
-from lightcluster_jax.resize import resize
+from lightcluster_jax.blocks.resize import resize
 
 
 # ----------------------------------------------------------------------------- storage
@@ -165,12 +165,12 @@ def _dtype(name: str):
 
 def _mesh_batch(batch: int, mesh) -> int:
   """A batch size that splits evenly over the mesh's devices."""
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   return _round_up(batch, sharding.mesh_size(mesh))
 
 
 def _parallel(fn, mesh, batch_argnums):
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   if sharding.mesh_size(mesh) <= 1:
     return fn
   return sharding.data_parallel(fn, mesh, batch_argnums=batch_argnums)
@@ -264,7 +264,7 @@ def run_masks(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, cfg, seed:
   start, end = (0, len(ids)) if local_range is None else local_range
   missing = sum(not stage.has(i) for i in ids[start:end])
   if jax.process_count() > 1:
-    from lightcluster_jax import sharding
+    from lightcluster_jax.blocks import sharding
     missing = int(sharding.host_sum(np.asarray(missing, np.int64)))
   if not missing:
     return
@@ -318,7 +318,7 @@ def _gather_rows(local: np.ndarray, start: int, n_total: int) -> np.ndarray:
   """
   if jax.process_count() == 1:
     return local
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   ranges = sharding.host_gather(np.asarray([start, len(local)], np.int64))
   cap = max(1, int(ranges[:, 1].max()))
   buf = np.zeros((cap,) + local.shape[1:], local.dtype)
@@ -369,7 +369,7 @@ class _TopK:
     """Top over all hosts -> (x [size, D], mask [size], gid [size])."""
     self._trim()
     if jax.process_count() > 1:
-      from lightcluster_jax import sharding
+      from lightcluster_jax.blocks import sharding
       n = len(self.prio)
       pad = self.size - n
       prio = np.concatenate([self.prio, np.full((pad,), -2.0, np.float32)])
@@ -394,7 +394,7 @@ class _TopK:
 def _chunk_image_level(keys, valid, attn, image_ids, k_img, *, k_image, n_init_image,
                        max_iter):
   """Image-level fg of a chunk, exactly as `masks.multilevel_foreground` computes it."""
-  x = kmeans_lib._l2_normalize(keys.astype(jnp.float32))
+  x = kmeans_lib.l2_normalize(keys.astype(jnp.float32))
   prng = jax.vmap(lambda i: jax.random.fold_in(k_img, i))(image_ids)
   img = masks_lib.image_level_foreground(x, valid, attn, keys_prng=prng, k=k_image,
                                          n_init=n_init_image, max_iter=max_iter, cosine=False)
@@ -410,7 +410,7 @@ def _image_level_fn(k_image, n_init_image, max_iter):
 
 @jax.jit
 def _normalize(keys):
-  return kmeans_lib._l2_normalize(keys.astype(jnp.float32))
+  return kmeans_lib.l2_normalize(keys.astype(jnp.float32))
 
 
 @jax.jit
@@ -488,7 +488,7 @@ def run_masks_streamed(stage: Stage, feat_stage: Stage, ids: Sequence[str], *, c
   Returns:
     dict of the fitted quantities (dataset_centroids, category_centroids, groups, ...).
   """
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   n_total = len(ids)
   start, end = (0, n_total) if local_range is None else local_range
   local_ids = list(ids[start:end])
@@ -781,7 +781,7 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
     return
   params = crf_lib.get_params(cfg.preset)
   backend = None if cfg.backend == "default" else cfg.backend
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   if sharding.mesh_size(mesh) <= 1:
     fn = make_refine_fn(params, backend, cfg.enabled)
   else:
@@ -842,7 +842,7 @@ def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, b
     b, r = crops.shape[:2]
     cls = apply_fn(params, crops.reshape(b * r, crop_size, crop_size, 3))["cls"]
     cls = cls.astype(jnp.float32).reshape(b, r, -1)
-    cls = cls / jnp.maximum(jnp.linalg.norm(cls, axis=-1, keepdims=True), 1e-12)
+    cls = kmeans_lib.l2_normalize(cls)
     return regions.labels, cls, regions.valid
   return fn
 
@@ -893,7 +893,7 @@ def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
   start, end = (0, len(ids)) if local_range is None else local_range
   loaded = [region_stage.load(i) for i in ids[start:end]]
   if jax.process_count() > 1:
-    from lightcluster_jax import sharding
+    from lightcluster_jax.blocks import sharding
     r = int(sharding.host_max(np.asarray(len(loaded[0]["valid"]) if loaded else 0)))
     dd = int(sharding.host_max(np.asarray(loaded[0]["descriptors"].shape[-1] if loaded else 0)))
     desc = _gather_rows(np.stack([x["descriptors"] for x in loaded]).astype(np.float32)
@@ -956,7 +956,7 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
     {id: per-stage patch masks}, "skipped" {id: reason}, "timings" {stage: seconds},
     "stage_keys", "num_regions".
   """
-  from lightcluster_jax import sharding
+  from lightcluster_jax.blocks import sharding
   arch = arch or config.arch
   if mesh is None and jax.local_device_count() > 1:
     mesh = sharding.local_mesh()
@@ -1037,7 +1037,7 @@ def write_outputs(result: dict, items: Sequence[Item], out_dir: os.PathLike, *,
                   config: ml_collections.ConfigDict, weights_id: str, overlays: bool = True,
                   progress: bool = True) -> dict:
   """Writes OUT/masks/<id>.png (VOC palette), OUT/overlays/<id>.jpg and OUT/summary.json."""
-  from lightcluster_jax import viz
+  from lightcluster_jax.apps import viz
   from lightcluster_jax.data import voc
   out_dir = pathlib.Path(out_dir)
   by_id = {it.id: it for it in items}

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lightcluster_jax import kmeans as _km
+from lightcluster_jax.blocks import kmeans as _km
 
 __all__ = [
     "AXIS", "initialize", "process_index", "process_count", "data_mesh", "local_mesh",

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from lightcluster_jax import vit
+from lightcluster_jax.blocks import vit
 
 # Keys that exist in released checkpoints but play no part in feature extraction.
 _IGNORED = (

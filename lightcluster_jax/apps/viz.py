@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lightcluster_jax.metrics import VOC_PALETTE
+from lightcluster_jax.blocks.metrics import VOC_PALETTE
 
 __all__ = [
     "CLUSTER_PALETTE", "voc_palette", "colorize", "overlay", "mask_overlay", "save_image",
@@ -718,7 +718,7 @@ def pca_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[str], *,
 
 def save_image(path: os.PathLike, image: np.ndarray, *, quality: int = 90) -> None:
   """Saves an [H, W, 3] uint8 image atomically (format from the suffix: .png / .jpg)."""
-  from lightcluster_jax.pipeline import atomic_write_bytes
+  from lightcluster_jax.runner.pipeline import atomic_write_bytes
   path = pathlib.Path(path)
   buf = io.BytesIO()
   fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")

@@ -77,7 +77,7 @@ def _list_inputs(images: pathlib.Path, split: str | None):
 
 def _segment(argv) -> int:
   from lightcluster_jax import config as config_lib
-  from lightcluster_jax import pipeline
+  from lightcluster_jax.runner import pipeline
   argv, overrides = _split_overrides(argv)
   p = argparse.ArgumentParser(prog="lightcluster segment",
                               description="Segment a folder of images (resumable).",
@@ -127,7 +127,7 @@ def _segment(argv) -> int:
 
 
 def _evaluate(argv) -> int:
-  from lightcluster_jax import evaluation
+  from lightcluster_jax.apps import evaluate as evaluation
   p = argparse.ArgumentParser(prog="lightcluster evaluate",
                               description="Hungarian-matched mIoU of predicted label PNGs.")
   p.add_argument("--pred", required=True, type=pathlib.Path, help="folder of <id>.png predictions")
@@ -150,7 +150,7 @@ def _evaluate(argv) -> int:
 
 
 def _demo(argv) -> int:
-  from lightcluster_jax import demo
+  from lightcluster_jax.apps import demo
   p = argparse.ArgumentParser(prog="lightcluster demo",
                               description="Run the whole pipeline on the shipped sample images.")
   p.add_argument("--weights", type=pathlib.Path,

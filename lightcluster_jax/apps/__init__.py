@@ -1,0 +1,1 @@
+"""Applications on top of the runner: the `lightcluster` CLI, the demo, evaluation, pictures."""
