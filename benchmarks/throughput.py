@@ -94,11 +94,11 @@ def work_throughput(args) -> dict:
     return time.perf_counter() - t0, res
 
   warm_s, res = run()
-  totals, stages = [], {k: [] for k in res["timings"]}
+  totals, stages = [], {k: [] for k in res.timings}
   for _ in range(args.repeats):
     total, res = run()
     totals.append(total)
-    for k, v in res["timings"].items():
+    for k, v in res.timings.items():
       stages[k].append(v)
   n = len(images)
   return dict(devices=jax.device_count(), images=n, warmup_s=warm_s,
@@ -106,7 +106,7 @@ def work_throughput(args) -> dict:
               stage_images_per_s={k: n / max(float(np.median(v)), 1e-9)
                                   for k, v in stages.items()},
               labels_crc=int(sum(int(np.asarray(l, np.int64).sum() * (i + 1)) for i, l in
-                                 enumerate(res["labels"][j] for j in sorted(res["labels"])))))
+                                 enumerate(res.labels[j] for j in sorted(res.labels)))))
 
 
 def write_features(root: str, n: int, *, grid: int = 28, dim: int = 384, seed: int = 0):

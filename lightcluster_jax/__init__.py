@@ -4,10 +4,10 @@ The folders follow the data flow:
 
   blocks/   pure JAX building blocks: vit, kmeans, crf, resize, components, metrics, sharding
   stages/   the method, in order: features -> masks -> refine -> regions -> labels
-  runner/   cache, batching, multi-host plan, `pipeline.segment`, outputs
-  apps/     the `lightcluster` CLI, the demo, evaluation, pictures (viz)
+  runner/   cache, multi-host plan, streamed masks, `pipeline.segment`
+  apps/     the `lightcluster` CLI, the demo, evaluation, outputs (PNGs), pictures (viz)
   weights/  checkpoint formats, conversion key maps, downloads
-  data/     image decoding, VOC / COCO readers, TFDS builders
+  data/     image decoding, batching / padding, atomic files, VOC / COCO readers, TFDS
 
 Every stage is a pure function that jits, vmaps over images and shards over devices; the
 runner and the CLI are thin layers over them. Modules are importable by their full path
@@ -20,10 +20,10 @@ re-exported here (except where a function shares its module's name: use
 __version__ = "0.1.0"
 
 from lightcluster_jax import config, data, weights
-from lightcluster_jax.apps import cli, demo, evaluate, viz
+from lightcluster_jax.apps import cli, demo, evaluate, outputs, viz
 from lightcluster_jax.blocks import components, crf, kmeans, metrics, resize, sharding, vit
 from lightcluster_jax.runner import pipeline
-from lightcluster_jax.stages import features, masks, regions
+from lightcluster_jax.stages import features, labels, masks, refine, regions
 
 from lightcluster_jax.blocks.components import (connected_components, dilate,
                                                 remove_small_components)
@@ -38,8 +38,10 @@ from lightcluster_jax.blocks.resize import interpolation_matrix
 from lightcluster_jax.blocks.sharding import (data_mesh, data_parallel, host_shard, initialize,
                                               local_mesh, streamed_lloyd)
 from lightcluster_jax.config import apply_overrides, default_config, load_config
-from lightcluster_jax.runner.pipeline import items_from_arrays, items_from_paths, segment
+from lightcluster_jax.runner.pipeline import (SegmentResult, items_from_arrays, items_from_paths,
+                                             segment)
 from lightcluster_jax.stages.features import extract_features, preprocess
 from lightcluster_jax.stages.masks import (consistency, image_level_foreground,
                                            multilevel_foreground, soft_foreground)
-from lightcluster_jax.stages.regions import crop_and_resize, find_regions, paint_labels
+from lightcluster_jax.stages.labels import cluster_descriptors, paint_labels
+from lightcluster_jax.stages.regions import crop_and_resize, find_regions

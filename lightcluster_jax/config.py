@@ -47,6 +47,15 @@ def default_config() -> ml_collections.ConfigDict:
   #                                          when the set has more patches (then refined below)
   c.clustering.category_refine_iters = 10  # exact streamed Lloyd passes after a sampled fit
   c.clustering.dataset_refine_iters = 0    # same for the dataset level (0 = as in memory)
+  c.clustering.max_iter = 100              # Lloyd iterations per k-means
+  c.clustering.fg_min_share = 0.5          # a cluster is fg if more than this share of its
+  #                                          patches lies in the image-level fg (method §5)
+  c.clustering.fallback_share = 0.25       # ... else its best cluster, if at least this share
+  c.clustering.min_image_share = 0.2       # a level is used in an image only if this share of
+  #                                          its fg there lies in the image-level fg
+  c.clustering.connectivity = 4            # components of the cleanup (4 or 8)
+  c.clustering.flip_image_level = False    # opt-in: flip an image-level mask that D and C
+  c.clustering.flip_share = 0.8            # contradict on this share of their fg (method §6)
 
   c.upsample = ml_collections.ConfigDict()
   c.upsample.temperature = 0.1   # softmax temperature of the fg/bg centroid distances

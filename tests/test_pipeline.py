@@ -62,15 +62,15 @@ def _run(config, images, params, out_dir=None, ids=None):
 def test_segment_in_memory_shapes_and_labels(images, params):
   config = tiny_config()
   res = _run(config, images, params)
-  assert sorted(res["labels"]) == sorted(res["ids"]) and len(res["ids"]) == len(images)
-  for item_id, img in zip(res["ids"], images):
-    lab = res["labels"][item_id]
+  assert sorted(res.labels) == sorted(res.ids) and len(res.ids) == len(images)
+  for item_id, img in zip(res.ids, images):
+    lab = res.labels[item_id]
     assert lab.shape == img.shape[:2] and lab.dtype == np.uint8
     assert lab.max() <= config.assign.num_classes
   # Deterministic for a fixed seed.
   again = _run(config, images, params)
-  for item_id in res["ids"]:
-    np.testing.assert_array_equal(res["labels"][item_id], again["labels"][item_id])
+  for item_id in res.ids:
+    np.testing.assert_array_equal(res.labels[item_id], again.labels[item_id])
 
 
 def test_resume_after_interrupt_loses_nothing(images, params, tmp_path):
@@ -106,7 +106,7 @@ def test_resume_after_interrupt_loses_nothing(images, params, tmp_path):
   for p in feat_dirs[0].glob("0000[01].npz"):
     assert p.stat().st_mtime_ns == mtimes[p.name]  # not recomputed
   for item_id in reference["ids"]:
-    np.testing.assert_array_equal(resumed["labels"][item_id], reference["labels"][item_id])
+    np.testing.assert_array_equal(resumed.labels[item_id], reference["labels"][item_id])
 
 
 def test_changed_crf_setting_reuses_features_and_masks(images, params, tmp_path):
@@ -142,8 +142,8 @@ def test_corrupt_and_tiny_images_are_skipped_with_a_warning(images, params, tmp_
                            weights_id="test", progress=False)
   messages = " ".join(str(w.message) for w in caught)
   assert "broken" in messages and "tiny" in messages
-  assert sorted(res["skipped"]) == ["broken", "tiny"]
-  assert sorted(res["labels"]) == ["img0", "img1"]
+  assert sorted(res.skipped) == ["broken", "tiny"]
+  assert sorted(res.labels) == ["img0", "img1"]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 
 from lightcluster_jax import kmeans as km
 from lightcluster_jax import pipeline, sharding, vit
+from lightcluster_jax.runner import masks_stream
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -51,10 +52,10 @@ WORKER = textwrap.dedent("""
   params = vit.init_params(ARCH, jax.random.PRNGKey(0))
   res = pipeline.segment(config, pipeline.items_from_arrays(images), params=params, arch=ARCH,
                          out_dir=args["out_dir"], weights_id="test", progress=False)
-  out = {"devices": np.asarray(jax.device_count()), "ids": np.asarray(res["ids"])}
-  for i in res["ids"]:
-    out["labels/" + i] = res["labels"][i]
-    m = res["stages"]["masks"].load(i)
+  out = {"devices": np.asarray(jax.device_count()), "ids": np.asarray(res.ids)}
+  for i in res.ids:
+    out["labels/" + i] = res.labels[i]
+    m = res.artefacts("masks", i)
     for k in ("image", "category", "dataset", "consistent", "prob"):
       out[k + "/" + i] = m[k]
   if args.get("lloyd"):
@@ -113,7 +114,7 @@ def reference(images, params):
                            arch=ARCH, weights_id="test", progress=False)
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
-  masks = {i: res["stages"]["masks"].load(i) for i in res["ids"]}
+  masks = {i: res.artefacts("masks", i) for i in res.ids}
   return res, masks
 
 
@@ -185,7 +186,7 @@ def test_running_top_k_matches_lax_top_k_with_ties():
   prio = (rng.randint(0, 400, n) / 400).astype(np.float32)      # many ties
   prio[rng.rand(n) < 0.3] = -1.0                                  # invalid patches
   x = rng.randn(n, 3).astype(np.float32)
-  top = pipeline._TopK(size, 3)
+  top = masks_stream.TopK(size, 3)
   for s in range(0, n, 100):
     top.add(prio[s:s + 100], np.arange(s, min(s + 100, n)), x[s:s + 100])
   got_x, got_m, _ = top.merged()
@@ -289,7 +290,7 @@ def _compare_with_reference(result_npz, reference, prob_atol=1e-6):
   res, masks = reference
   got = np.load(result_npz)
   for i in [str(s) for s in got["ids"]]:
-    np.testing.assert_array_equal(got[f"labels/{i}"], res["labels"][i], err_msg=i)
+    np.testing.assert_array_equal(got[f"labels/{i}"], res.labels[i], err_msg=i)
     for lvl in ("image", "category", "dataset", "consistent"):
       np.testing.assert_array_equal(got[f"{lvl}/{i}"], masks[i][lvl], err_msg=f"{i} {lvl}")
     np.testing.assert_allclose(got[f"prob/{i}"], masks[i]["prob"], rtol=0, atol=prob_atol)
@@ -355,7 +356,7 @@ REFINE_WORKER = textwrap.dedent("""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   sys.path.insert(0, sys.argv[1])
   import jax, numpy as np
-  from lightcluster_jax import crf, pipeline, sharding
+  from lightcluster_jax import crf, refine, sharding
   from test_pipeline import _synthetic
   rng = np.random.RandomState(0)
   b, hh, ww, gh, gw = 3, 64, 80, 8, 10
@@ -363,14 +364,14 @@ REFINE_WORKER = textwrap.dedent("""
   prob = rng.rand(b, gh, gw).astype(np.float32)
   grid_hw = np.array([[8, 10], [6, 9], [8, 7]], np.int32)
   orig_hw = np.array([[64, 80], [48, 72], [60, 56]], np.int32)
-  fn = pipeline.make_refine_fn(crf.get_params("maskcontrast"), None, True)
+  fn = refine.make_refine_fn(crf.get_params("maskcontrast"), None, True)
   one = np.asarray(fn(prob, grid_hw, images, orig_hw))
   mesh = sharding.data_mesh()
   assert sharding.mesh_size(mesh) == 8
-  raw = pipeline.refine_batch_fn(crf.get_params("maskcontrast"), None, True)
+  raw = refine.refine_batch_fn(crf.get_params("maskcontrast"), None, True)
   eight = np.asarray(sharding.data_parallel(raw, mesh, compiler_options=crf.XLA_OPTIONS)(
       prob, grid_hw, images, orig_hw))
-  off = np.asarray(pipeline.make_refine_fn(None, None, False)(prob, grid_hw, images, orig_hw))
+  off = np.asarray(refine.make_refine_fn(None, None, False)(prob, grid_hw, images, orig_hw))
   np.savez(sys.argv[2], one=one, eight=eight, off=off)
 """)
 

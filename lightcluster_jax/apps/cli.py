@@ -9,19 +9,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import pathlib
 import sys
 import warnings
+
+from lightcluster_jax.weights import WeightsError
 
 
 class CLIError(Exception):
   """A user error: printed as one line, exit status 2."""
 
 
+def _plugin(name: str):
+  """The `main(argv)` registered for subcommand `name` under the entry-point group
+  `lightcluster.commands` (the `convert` command lives in `checkpoints_conversion`, which
+  depends on this library, not the other way round)."""
+  for ep in importlib.metadata.entry_points(group="lightcluster.commands"):
+    if ep.name == name:
+      return ep.load()
+  raise CLIError(f"`lightcluster {name}` is provided by the checkpoints_conversion package, "
+                 "which is not installed: install the project with `pip install -e .[convert]`")
+
+
 def _convert(argv):
-  from checkpoints_conversion import convert
-  return convert.main(argv)
+  return _plugin("convert")(argv)
 
 
 def _split_overrides(argv):
@@ -38,19 +51,6 @@ def _split_overrides(argv):
     else:
       rest.append(arg)
   return rest, overrides
-
-
-def _load_weights(path):
-  """(arch name or ViTConfig, params, file sha256); the architecture comes from the file."""
-  from lightcluster_jax import weights
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise CLIError(f"weights file not found: {path}")
-  try:
-    arch, params = weights.load_any(path)
-  except Exception as e:
-    raise CLIError(f"could not load weights {path}: {e}") from e
-  return arch, params, weights.file_sha256(path)
 
 
 def _list_inputs(images: pathlib.Path, split: str | None):
@@ -77,7 +77,9 @@ def _list_inputs(images: pathlib.Path, split: str | None):
 
 def _segment(argv) -> int:
   from lightcluster_jax import config as config_lib
+  from lightcluster_jax.apps import outputs
   from lightcluster_jax.runner import pipeline
+  from lightcluster_jax import weights
   argv, overrides = _split_overrides(argv)
   p = argparse.ArgumentParser(prog="lightcluster segment",
                               description="Segment a folder of images (resumable).",
@@ -103,14 +105,14 @@ def _segment(argv) -> int:
   if all(given):
     if not 0 <= args.process_id < args.num_processes:
       raise CLIError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
-    from lightcluster_jax import sharding  # before any other JAX call
+    from lightcluster_jax.blocks import sharding  # before any other JAX call
     sharding.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   except config_lib.ConfigError as e:
     raise CLIError(str(e)) from e
   paths = _list_inputs(args.images, args.split)[:args.limit]
-  arch, params, sha = _load_weights(args.weights)
+  arch, params, sha = weights.load_for_run(args.weights)
   arch_name = arch if isinstance(arch, str) else arch.name
   if arch_name != config.arch:
     warnings.warn(f"the weights are {arch_name}; config.arch={config.arch!r} is replaced by it")
@@ -118,7 +120,7 @@ def _segment(argv) -> int:
   items = pipeline.items_from_paths(paths)
   result = pipeline.segment(config, items, params=params, arch=arch, out_dir=args.out,
                             weights_id=sha, progress=not args.no_progress)
-  summary = pipeline.write_outputs(result, items, args.out, config=config, weights_id=sha,
+  summary = outputs.write_outputs(result, items, args.out, config=config, weights_id=sha,
                                    overlays=config.output.overlays and not args.no_overlays,
                                    progress=not args.no_progress)
   print(json.dumps({k: summary[k] for k in ("num_images", "num_regions", "seconds_per_image")}
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv[:1])
   try:
     return int(SUBCOMMANDS[args.command][1](argv[1:]) or 0)
-  except CLIError as e:
+  except (CLIError, WeightsError) as e:
     print(f"lightcluster {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 
 from lightcluster_jax import config as config_lib
+from lightcluster_jax import weights as weights_lib
+from lightcluster_jax.apps import outputs, viz
 from lightcluster_jax.runner import pipeline
-from lightcluster_jax.apps import viz
 
 OFFLINE_HELP = (
     "could not download the official DINO ViT-S/8 weights ({error}). Provide a checkpoint "
@@ -33,15 +34,13 @@ def demo_config(image_size: int = 224, num_images: int = 4):
 
 
 def _weights(weights):
-  from lightcluster_jax import weights as weights_lib
+  """(arch, params, sha256) of `weights`, or of the official DINO ViT-S/8 when None."""
   if weights is None:
-    from lightcluster_jax.apps.cli import CLIError
     try:
       weights = weights_lib.fetch_official("dino_vits8")
     except Exception as e:  # offline, proxy, ...
-      raise CLIError(OFFLINE_HELP.format(error=e)) from e
-  from lightcluster_jax.apps.cli import _load_weights
-  return _load_weights(weights)
+      raise weights_lib.WeightsError(OFFLINE_HELP.format(error=e)) from e
+  return weights_lib.load_for_run(weights)
 
 
 def panel(image: np.ndarray, masks: dict, refined: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -71,14 +70,13 @@ def run(*, weights=None, out=pathlib.Path("lightcluster_demo"), image_size: int 
   items = pipeline.items_from_paths(paths)
   result = pipeline.segment(config, items, params=params, arch=arch, out_dir=out,
                             weights_id=sha, progress=progress)
-  pipeline.write_outputs(result, items, out, config=config, weights_id=sha, progress=progress)
+  outputs.write_outputs(result, items, out, config=config, weights_id=sha, progress=progress)
   written = []
-  stages = result["stages"]
   for it in items:
-    if it.id not in result["labels"]:
+    if it.id not in result.labels:
       continue
-    pic = panel(it.load(), stages["masks"].load(it.id), stages["refine"].load(it.id)["fg"],
-                result["labels"][it.id])
+    pic = panel(it.load(), result.artefacts("masks", it.id),
+                result.artefacts("refine", it.id)["fg"], result.labels[it.id])
     path = out / "pictures" / f"{it.id}.png"
     viz.save_image(path, pic)
     written.append(path)

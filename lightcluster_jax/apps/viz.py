@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lightcluster_jax.blocks.metrics import VOC_PALETTE
+from lightcluster_jax.data import files
 
 __all__ = [
     "CLUSTER_PALETTE", "voc_palette", "colorize", "overlay", "mask_overlay", "save_image",
@@ -718,10 +719,9 @@ def pca_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[str], *,
 
 def save_image(path: os.PathLike, image: np.ndarray, *, quality: int = 90) -> None:
   """Saves an [H, W, 3] uint8 image atomically (format from the suffix: .png / .jpg)."""
-  from lightcluster_jax.runner.pipeline import atomic_write_bytes
   path = pathlib.Path(path)
   buf = io.BytesIO()
   fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **(
       {"quality": quality} if fmt == "JPEG" else {"optimize": True}))
-  atomic_write_bytes(path, buf.getvalue())
+  files.atomic_write_bytes(path, buf.getvalue())

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
+import io
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lightcluster_jax.data import files
 from lightcluster_jax.data import images as _images
 from lightcluster_jax.blocks.metrics import VOC_CLASSES, VOC_PALETTE
 
@@ -105,16 +106,9 @@ def write_label_png(path: PathLike, labels: np.ndarray, palette: np.ndarray = VO
   h, w = labels.shape
   img = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, np.uint8).tobytes())
   img.putpalette(palette.reshape(-1).tolist())
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      img.save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  files.atomic_write_bytes(path, buf.getvalue())
   return path
 
 

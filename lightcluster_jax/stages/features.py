@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from lightcluster_jax.blocks import kmeans, vit
+from lightcluster_jax.data import batching
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.asarray(vit.IMAGENET_MEAN, np.float32)   # the ViT's input normalisation
+IMAGENET_STD = np.asarray(vit.IMAGENET_STD, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +88,6 @@ def preprocess(image: np.ndarray, *, image_size: int | None, patch_size: int) ->
   return Preprocessed(pixels, (out_h // patch_size, out_w // patch_size), tuple(orig_hw))
 
 
-def bucket_shape(grid_hw: tuple[int, int], *, multiple: int) -> tuple[int, int]:
-  """Padded grid shape for `grid_hw`: each side rounded up to a multiple of `multiple`."""
-  return tuple(int(math.ceil(n / multiple) * multiple) for n in grid_hw)
-
-
 def pad_batch(items: Sequence[Preprocessed], grid_hw: tuple[int, int], patch_size: int,
               batch_size: int):
   """Pads preprocessed images into one fixed-shape batch.
@@ -102,12 +97,9 @@ def pad_batch(items: Sequence[Preprocessed], grid_hw: tuple[int, int], patch_siz
     mask: [batch_size, gh, gw] bool patch validity (all False for filler slots).
   """
   gh, gw = grid_hw
-  pixels = np.zeros((batch_size, gh * patch_size, gw * patch_size, 3), np.float32)
-  mask = np.zeros((batch_size, gh, gw), bool)
-  for i, item in enumerate(items):
-    h, w = item.grid_hw
-    pixels[i, :h * patch_size, :w * patch_size] = item.pixels
-    mask[i, :h, :w] = True
+  pixels = batching.stack_padded([it.pixels for it in items],
+                                 (gh * patch_size, gw * patch_size), batch_size, dtype=np.float32)
+  mask = batching.stack_padded([np.ones(it.grid_hw, bool) for it in items], (gh, gw), batch_size)
   return pixels, mask
 
 
@@ -127,23 +119,6 @@ def make_feature_fn(arch, *, dtype=jnp.float32):
             "cls": out["cls"].astype(jnp.float32),
             "cls_attn": out["cls_attn"].astype(jnp.float32).mean(axis=1)}
   return fn
-
-
-def iter_batches(items: Iterable[tuple[str, Preprocessed]], *, batch_size: int,
-                 bucket_multiple: int) -> Iterator[tuple[tuple[int, int], list]]:
-  """Groups (id, Preprocessed) pairs by bucket shape into batches of at most `batch_size`.
-
-  Yields (bucket grid_hw, [(id, Preprocessed), ...]); pending batches are flushed at the end.
-  """
-  pending: dict[tuple[int, int], list] = {}
-  for item_id, item in items:
-    shape = bucket_shape(item.grid_hw, multiple=bucket_multiple)
-    group = pending.setdefault(shape, [])
-    group.append((item_id, item))
-    if len(group) == batch_size:
-      yield shape, pending.pop(shape)
-  for shape, group in pending.items():
-    yield shape, group
 
 
 def extract_features(params, images: Sequence[np.ndarray], *, arch, image_size: int | None = 448,
@@ -168,7 +143,8 @@ def extract_features(params, images: Sequence[np.ndarray], *, arch, image_size: 
   pre = ((i, preprocess(img, image_size=image_size, patch_size=config.patch_size))
          for i, img in enumerate(images))
   results: list[dict | None] = [None] * len(images)
-  for shape, group in iter_batches(pre, batch_size=batch_size, bucket_multiple=bucket_multiple):
+  for shape, group in batching.batches_by_shape(
+      pre, lambda e: batching.bucket_shape(e[1].grid_hw, bucket_multiple), batch_size):
     pixels, mask = pad_batch([g[1] for g in group], shape, config.patch_size, batch_size)
     out = jax.device_get(fn(params, pixels, mask))
     for b, (i, item) in enumerate(group):

@@ -42,7 +42,8 @@ from lightcluster_jax.blocks import kmeans as _km
 __all__ = [
     "border_fraction", "image_level_foreground",
     "cluster_foreground_share", "foreground_clusters", "trusted_level", "category_groups",
-    "consistency",
+    "consistency", "decide_foreground", "shares_from_counts", "level_masks", "combine_levels",
+    "masked_mean", "centroid_sums", "fill_empty_centroids",
     "soft_foreground", "multilevel_foreground", "RULES",
 ]
 
@@ -179,7 +180,7 @@ def cluster_foreground_share(assignment, image_fg, valid, k: int):
   ids = jnp.clip(a, 0, k - 1)
   counts = jax.ops.segment_sum(v.astype(jnp.float32), ids, num_segments=k)
   inside = jax.ops.segment_sum(f.astype(jnp.float32), ids, num_segments=k)
-  return jnp.where(counts > 0, inside / jnp.maximum(counts, 1.0), 0.0), counts
+  return shares_from_counts(inside, counts), counts
 
 
 def foreground_clusters(assignment, image_fg, valid, k: int, *, group_ids=None,
@@ -213,25 +214,148 @@ def foreground_clusters(assignment, image_fg, valid, k: int, *, group_ids=None,
   a = jnp.asarray(assignment)
   if group_ids is None:
     share, counts = cluster_foreground_share(a, image_fg, valid, k)
-    return _decide(share[None], counts[None], min_share, fallback_share)[0]
+    return decide_foreground(share[None], counts[None], min_share=min_share,
+                           fallback_share=fallback_share)[0]
   if num_groups is None:
     raise ValueError("foreground_clusters: `num_groups` is required with `group_ids`")
   g = jnp.asarray(group_ids)
   inside = (g >= 0) & (g < num_groups)
   combined = jnp.where((a >= 0) & inside, jnp.clip(g, 0, num_groups - 1) * k + a, -1)
   share, counts = cluster_foreground_share(combined, image_fg, valid, num_groups * k)
-  return _decide(share.reshape(num_groups, k), counts.reshape(num_groups, k), min_share,
-                 fallback_share)
+  return decide_foreground(share.reshape(num_groups, k), counts.reshape(num_groups, k),
+                           min_share=min_share, fallback_share=fallback_share)
 
 
-def _decide(share, counts, min_share, fallback_share):
-  """share, counts [S, k] -> fg [S, k] bool (majority rule with the fallback)."""
+def decide_foreground(share, counts, *, min_share: float = 0.5,
+                      fallback_share: float = 0.25) -> jax.Array:
+  """Foreground table of S scopes x k clusters from their shares (the rule of
+  `foreground_clusters`, on statistics that may have been summed over chunks and hosts).
+
+  fg[s, c] = (share[s, c] > min_share and counts[s, c] > 0), and, in a scope where no cluster
+  passes, its highest-share non-empty cluster if that share is at least `fallback_share`.
+
+  Args:
+    share: [S, k] float share of each cluster's valid patches inside the image-level fg.
+    counts: [S, k] number of valid patches of each cluster.
+    min_share, fallback_share: see `foreground_clusters`.
+
+  Returns:
+    [S, k] bool.
+
+  Example:
+    >>> decide_foreground(jnp.array([[0.9, 0.1], [0.3, 0.1], [0.2, 0.1]]),
+    ...                   jnp.array([[5., 5.], [5., 5.], [5., 5.]]))
+    Array([[ True, False],
+           [ True, False],
+           [False, False]], dtype=bool)
+  """
   fg = (share > min_share) & (counts > 0)
   best = jnp.argmax(jnp.where(counts > 0, share, -1.0), axis=1)
   best_share = jnp.take_along_axis(share, best[:, None], axis=1)[:, 0]
   fallback = (~jnp.any(fg, axis=1)) & (best_share >= fallback_share)
   pick = jax.nn.one_hot(best, share.shape[1], dtype=bool) & fallback[:, None]
   return fg | pick
+
+
+def shares_from_counts(inside, counts) -> jax.Array:
+  """share = inside / counts where counts > 0, else 0 (any shape, integer or float counts)."""
+  c = jnp.asarray(counts, jnp.float32)
+  return jnp.where(c > 0, jnp.asarray(inside, jnp.float32) / jnp.maximum(c, 1.0), 0.0)
+
+
+def level_masks(valid, dataset_assignment, category_assignment, groups, dataset_table,
+                category_table):
+  """Per-patch dataset- and category-level foreground from the cluster tables.
+
+  Args:
+    valid: [B, h, w] bool.
+    dataset_assignment: [B, h, w] int dataset cluster per patch (-1 = none).
+    category_assignment: [B, h, w] int cluster within the image's group (-1 = none).
+    groups: [B] int category group of each image.
+    dataset_table: [k_dataset] bool foreground clusters.
+    category_table: [G, k_category] bool foreground clusters per group.
+
+  Returns:
+    (dataset_fg, category_fg), each [B, h, w] bool.
+  """
+  g = category_table.shape[0]
+  gid = jnp.broadcast_to(jnp.clip(groups, 0, g - 1)[:, None, None], valid.shape)
+  c_fg = category_table[gid, jnp.clip(category_assignment, 0, None)]
+  c_fg = c_fg & (category_assignment >= 0) & valid
+  d_fg = dataset_table[jnp.clip(dataset_assignment, 0, None)] & (dataset_assignment >= 0)
+  return d_fg & valid, c_fg
+
+
+def combine_levels(image_fg, dataset_fg, category_fg, valid, *, rule: str = "dc_and_i",
+                   dilate: int = 1, min_region_patches: int = 4, connectivity: int = 4,
+                   min_image_share: float = 0.2, flip_image_level: bool = False,
+                   flip_share: float = 0.8) -> dict:
+  """Per image: trust checks, consistency, cleanup and the empty fallback (method §6).
+
+  Every step is per image, so a chunk of images gives the same masks as the whole set.
+
+  1. Optional flip (`flip_image_level`): if at least `flip_share` of the patches where D and C
+     agree on foreground lie outside the image-level mask I (and they are at least
+     `min_region_patches`), I is replaced by its complement within `valid`.
+  2. A level whose mask is empty in the image, or has less than `min_image_share` of its
+     patches inside I, is replaced by I there (`trusted_level`).
+  3. `consistency(rule, dilate)`, then components smaller than `min_region_patches` removed.
+  4. An image left empty falls back to I.
+
+  Args:
+    image_fg, dataset_fg, category_fg, valid: [B, h, w] bool.
+    rule, dilate: see `consistency`.
+    min_region_patches, connectivity: the cleanup.
+    min_image_share: see `trusted_level`.
+    flip_image_level, flip_share: step 1.
+
+  Returns:
+    dict of [B, h, w] bool "image" (after the flip), "consistent_raw", "consistent"; [B] bool
+    "image_flipped", "dataset_trusted", "category_trusted", "fallback".
+  """
+  i_fg = jnp.asarray(image_fg, bool)
+  flipped = jnp.zeros(i_fg.shape[:1], bool)
+  if flip_image_level:
+    dc = dataset_fg & category_fg
+    n_dc = jnp.sum(dc, axis=(1, 2))
+    inside = jnp.sum(dc & i_fg, axis=(1, 2))
+    flipped = (n_dc >= min_region_patches) & (inside <= (1.0 - flip_share) * n_dc)
+    i_fg = jnp.where(flipped[:, None, None], valid & ~i_fg, i_fg)
+  d_ok = trusted_level(dataset_fg, i_fg, min_image_share=min_image_share)
+  c_ok = trusted_level(category_fg, i_fg, min_image_share=min_image_share)
+  d_used = jnp.where(d_ok[:, None, None], dataset_fg, i_fg)
+  c_used = jnp.where(c_ok[:, None, None], category_fg, i_fg)
+  raw = consistency(d_used, c_used, i_fg, valid, rule=rule, dilate=dilate)
+  clean = components.remove_small_components(raw, min_region_patches,
+                                             connectivity=connectivity)
+  empty = ~jnp.any(clean, axis=(1, 2))
+  final = jnp.where(empty[:, None, None], i_fg, clean)
+  return dict(image=i_fg, consistent_raw=raw, consistent=final, image_flipped=flipped,
+              dataset_trusted=d_ok, category_trusted=c_ok, fallback=empty)
+
+
+def centroid_sums(x, fg, valid):
+  """Per image: mean normalised Key inside / outside the final mask, with the counts.
+
+  Args:
+    x: [B, P, D] L2-normalised Keys.
+    fg: [B, h, w] bool final mask.
+    valid: [B, h, w] bool.
+
+  Returns:
+    (fg_mean [B, D], n_fg [B], bg_mean [B, D], n_bg [B]); a mean over no patch is 0.
+  """
+  b = x.shape[0]
+  fgm = fg.reshape(b, -1)
+  bgm = valid.reshape(b, -1) & ~fgm
+  fg_c, n_f = masked_mean(x, fgm)
+  bg_c, n_b = masked_mean(x, bgm)
+  return fg_c, n_f, bg_c, n_b
+
+
+def fill_empty_centroids(mean, count, overall):
+  """Rows of `mean` [B, D] with `count` [B] == 0 replaced by `overall` [D] (the set's mean)."""
+  return jnp.where((count > 0)[:, None], mean, overall)
 
 
 def trusted_level(level_fg, image_fg, *, min_image_share: float = 0.2) -> jax.Array:
@@ -362,8 +486,8 @@ def soft_foreground(keys, fg_centroid, bg_centroid, mask, *, temperature: float 
   return jnp.where(jnp.asarray(mask, bool), prob, 0.0)
 
 
-def _masked_mean(x, m):
-  """x [B, P, D], m [B, P] bool -> per-image mean [B, D] and count [B]."""
+def masked_mean(x, m):
+  """x [B, P, D], m [B, P] bool -> per-image mean [B, D] over the True rows, and count [B]."""
   mf = m.astype(jnp.float32)
   s = jnp.einsum("bp,bpd->bd", mf, x, precision=jax.lax.Precision.HIGHEST)
   n = jnp.sum(mf, axis=1)
@@ -404,8 +528,6 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
   cat_table = foreground_clusters(cat_assign, i_fg, valid, k_category,
                                   group_ids=gid.reshape(b, h, w), num_groups=g,
                                   min_share=fg_min_share, fallback_share=fallback_share)
-  c_fg = cat_table[jnp.clip(gid.reshape(b, h, w), 0, g - 1), jnp.clip(cat_assign, 0, None)]
-  c_fg = c_fg & (cat_assign >= 0) & valid
 
   # 3. Dataset level (optionally fitted on a uniform subset of the valid patches).
   flat_x, flat_v = x.reshape(b * p, d), vflat.reshape(-1)
@@ -424,46 +546,24 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
   dat_assign = dat_assign.reshape(b, h, w)
   dat_table = foreground_clusters(dat_assign, i_fg, valid, k_dataset,
                                   min_share=fg_min_share, fallback_share=fallback_share)
-  d_fg = dat_table[jnp.clip(dat_assign, 0, None)] & (dat_assign >= 0) & valid
+  d_fg, c_fg = level_masks(valid, dat_assign, cat_assign, groups, dat_table, cat_table)
 
-  # Optional: an image whose image-level mask looks flipped (the object touching most of the
-  # border, METHOD.md failure mode 1) takes the complement, when Dataset and Category agree on
-  # a foreground that lies almost entirely outside it.
-  flipped = jnp.zeros((b,), bool)
-  if flip_image_level:
-    dc = d_fg & c_fg
-    n_dc = jnp.sum(dc, axis=(1, 2))
-    inside = jnp.sum(dc & i_fg, axis=(1, 2))
-    flipped = (n_dc >= min_region_patches) & (inside <= (1.0 - flip_share) * n_dc)
-    i_fg = jnp.where(flipped[:, None, None], valid & ~i_fg, i_fg)
-
-  # 4. Per image, a level that barely overlaps the image-level foreground is not trusted.
-  d_ok = trusted_level(d_fg, i_fg, min_image_share=min_image_share)
-  c_ok = trusted_level(c_fg, i_fg, min_image_share=min_image_share)
-  d_used = jnp.where(d_ok[:, None, None], d_fg, i_fg)
-  c_used = jnp.where(c_ok[:, None, None], c_fg, i_fg)
-
-  # 5. Consistency, cleanup, empty fallback.
-  raw = consistency(d_used, c_used, i_fg, valid, rule=rule, dilate=dilate)
-  clean = components.remove_small_components(raw, min_region_patches, connectivity=connectivity)
-  empty = ~jnp.any(clean, axis=(1, 2))
-  final = jnp.where(empty[:, None, None], i_fg, clean)
+  # 4-5. Trust, consistency, cleanup, empty fallback (per image).
+  comb = combine_levels(i_fg, d_fg, c_fg, valid, rule=rule, dilate=dilate,
+                        min_region_patches=min_region_patches, connectivity=connectivity,
+                        min_image_share=min_image_share, flip_image_level=flip_image_level,
+                        flip_share=flip_share)
 
   # Centroids for the soft probability: mean normalised Key inside / outside the final mask;
   # an image without any fg (bg) patch uses the mean over all images.
-  fgm = final.reshape(b, p)
-  bgm = vflat & ~fgm
-  fg_c, n_f = _masked_mean(x, fgm)
-  bg_c, n_b = _masked_mean(x, bgm)
+  fg_c, n_f, bg_c, n_b = centroid_sums(x, comb["consistent"], valid)
   all_f = jnp.sum(fg_c * n_f[:, None], 0) / jnp.maximum(jnp.sum(n_f), 1.0)
   all_b = jnp.sum(bg_c * n_b[:, None], 0) / jnp.maximum(jnp.sum(n_b), 1.0)
-  fg_c = jnp.where((n_f > 0)[:, None], fg_c, all_f)
-  bg_c = jnp.where((n_b > 0)[:, None], bg_c, all_b)
+  fg_c = fill_empty_centroids(fg_c, n_f, all_f)
+  bg_c = fill_empty_centroids(bg_c, n_b, all_b)
 
   return dict(
-      image=i_fg, category=c_fg, dataset=d_fg, consistent_raw=raw, consistent=final,
-      fallback=empty, image_flipped=flipped, dataset_trusted=d_ok, category_trusted=c_ok,
-      groups=groups,
+      comb, category=c_fg, dataset=d_fg, groups=groups,
       image_assignment=img["assignment"], image_centroids=img["centroids"],
       image_fg_clusters=img["fg_clusters"], border_fraction=img["border_fraction"],
       category_assignment=cat_assign, category_centroids=cat.centroids,

@@ -1,11 +1,11 @@
-"""Class assignment: object regions -> crops -> CLS descriptors -> k-means -> label maps.
+"""Object regions: refined mask -> connected regions -> crops -> crop CLS descriptors.
 
-METHOD.md step 9. The refined foreground mask is split into regions (connected components
-above `min_region_pixels`, or the whole foreground as one region); each region's bounding
-box, grown by `box_margin`, is cropped from the image and resized to `crop_size`; the ViT's
-CLS token of the crop (L2-normalised) describes the region. Patch tokens are deliberately not
-used: clustered, they find object parts rather than classes (paper Fig. 5). k-means of all
-region descriptors of the dataset gives class ids; pixels are painted `class + 1`.
+docs/method.md §9 (first half; `stages.labels` clusters the descriptors). The refined
+foreground mask is split into regions (connected components above `min_region_pixels`, or the
+whole foreground as one region); each region's bounding box, grown by `box_margin`, is cropped
+from the image and resized to `crop_size`; the ViT's CLS token of the crop (L2-normalised)
+describes the region. Patch tokens are deliberately not used: clustered, they find object
+parts rather than classes (paper Fig. 5).
 
 Every per-image function is pure, static-shaped (regions padded to `max_regions` with a
 validity mask) and vmaps over a padded batch of images.
@@ -13,13 +13,15 @@ validity mask) and vmaps over a padded batch of images.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lightcluster_jax.blocks import kmeans as kmeans_lib
 from lightcluster_jax.blocks import components
+from lightcluster_jax.blocks import kmeans as kmeans_lib
+from lightcluster_jax.blocks import vit
 from lightcluster_jax.blocks.resize import interpolation_matrix
 
 
@@ -133,35 +135,31 @@ def crop_regions(image: jax.Array, regions: Regions, *, crop_size: int, box_marg
   return jax.vmap(lambda b: crop_and_resize(image, b, crop_size))(boxes)
 
 
-def cluster_descriptors(descriptors: jax.Array, valid: jax.Array, num_classes: int, *,
-                        key: jax.Array, n_init: int = 10, max_iter: int = 300):
-  """k-means of region descriptors into `num_classes` (cosine: L2-normalised CLS).
+@functools.lru_cache(maxsize=16)
+def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, box_margin,
+                    crop_size, dtype=jnp.float32):
+  """Jitted `(params, fg [B,H,W], image [B,H,W,3] uint8, orig_hw [B,2])` ->
+  (region labels [B,H,W], descriptors [B,R,D] L2-normalised crop CLS, valid [B,R]).
 
-  Args:
-    descriptors: [R, D] CLS descriptors of all regions of the dataset (padded).
-    valid: [R] bool.
-    num_classes: number of classes (20 for VOC). If fewer regions than classes exist,
-      k is reduced to the number of regions.
-
-  Returns:
-    classes: [R] int32 in 0..k-1 (-1 for invalid slots).
+  Images are padded bottom/right to [H, W]; `orig_hw` is each image's valid size.
   """
-  n_valid = int(jnp.sum(valid))
-  k = max(1, min(num_classes, n_valid))
-  if n_valid == 0:
-    return jnp.full(valid.shape, -1, jnp.int32)
-  res = kmeans_lib.kmeans(descriptors, k, key=key, mask=valid, n_init=n_init,
-                          max_iter=max_iter, cosine=True)
-  return jnp.where(valid, res.assignment, -1).astype(jnp.int32)
+  apply_fn = vit.make_apply_fn(arch, outputs=("cls",), dtype=dtype)
+  mean = jnp.asarray(vit.IMAGENET_MEAN)
+  std = jnp.asarray(vit.IMAGENET_STD)
 
+  def one(fg, image, orig_hw):
+    regions = find_regions(fg, max_regions=max_regions, min_region_pixels=min_region_pixels,
+                           whole_foreground=whole_foreground, valid_hw=orig_hw)
+    pixels = (image.astype(jnp.float32) / 255.0 - mean) / std
+    crops = crop_regions(pixels, regions, crop_size=crop_size, box_margin=box_margin,
+                         valid_hw=orig_hw)
+    return regions, crops
 
-def paint_labels(region_labels: jax.Array, region_classes: jax.Array) -> jax.Array:
-  """Label map [H, W]: `class + 1` on each region's pixels, 0 elsewhere.
-
-  Args:
-    region_labels: [H, W] int32 region index + 1 (0 = background), from `find_regions`.
-    region_classes: [R] int32 class of each region slot (-1 = none).
-  """
-  table = jnp.concatenate([jnp.zeros((1,), jnp.int32), region_classes.astype(jnp.int32) + 1])
-  table = jnp.maximum(table, 0)
-  return table[region_labels]
+  @jax.jit
+  def fn(params, fg, image, orig_hw):
+    regions, crops = jax.vmap(one)(fg, image, orig_hw)
+    b, r = crops.shape[:2]
+    cls = apply_fn(params, crops.reshape(b * r, crop_size, crop_size, 3))["cls"]
+    cls = kmeans_lib.l2_normalize(cls.astype(jnp.float32).reshape(b, r, -1))
+    return regions.labels, cls, regions.valid
+  return fn

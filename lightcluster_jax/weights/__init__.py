@@ -6,6 +6,7 @@ builds on this package; this package never imports it.
 """
 
 from lightcluster_jax.weights import keymap
+from lightcluster_jax.weights.resolve import load_for_run
 from lightcluster_jax.weights.store import (FORMAT, OFFICIAL_BASE_URL, OFFICIAL_FILES,
                                             WeightsError, default_cache_dir, download,
                                             fetch_official, file_sha256, load, load_any,
