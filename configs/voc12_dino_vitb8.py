@@ -1,20 +1,45 @@
 """LightCluster on PASCAL VOC 2012 val with DINO ViT-B/8.
 
-Command:
-  lightcluster convert --arch dino_vitb8 --out weights/dino_vitb8.npz --verify
-  lightcluster segment --config configs/voc12_dino_vitb8.py --images VOCdevkit/VOC2012 \
-      --weights weights/dino_vitb8.npz --out runs/voc12_vitb8
+Data: VOCdevkit/ = the unpacked VOCtrainval_11-May-2012.tar; val = 1,449 images, 21 classes
+(20 + background). `--split val` is required with a VOCdevkit root: without it every image
+in JPEGImages/ is segmented, and `evaluate` stops at the first one without ground truth.
 
-Expected: not measured here (no DINO v1 weights on the dev machines).
+Commands (from the repository root):
+  lightcluster convert --arch dino_vitb8 --checkpoint dino_vitbase8_pretrain.pth \
+      --out weights/dino_vitb8.npz --verify        # online: leave out --checkpoint to download
+  lightcluster segment --config configs/voc12_dino_vitb8.py \
+      --images VOCdevkit/VOC2012 --split val \
+      --weights weights/dino_vitb8.npz --out runs/voc12_vitb8
+  lightcluster evaluate --pred runs/voc12_vitb8/masks \
+      --gt VOCdevkit/VOC2012/SegmentationClass --json
+
+Expected: not measured. No DINO v1 weights exist on the development machines (they cannot be
+downloaded there), so this config has not been run with real weights.
+Context only, not a result of this code: the paper claims to be ahead of the best prior
+unsupervised figure that METHOD.md lists for VOC12 val, COMUS 50.0 mIoU (21 classes); the
+paper's own tables are not available to us (docs/method.md, "Reference figures").
+
+`--config configs/voc12_dino_vitb8.py:smoke`: small images and few restarts, for a quick check
+that the commands run (its scores mean nothing).
 """
 
-import pathlib
+from lightcluster_jax.config import ConfigError, default_config
 
-from lightcluster_jax.config import load_config
+ARGS = (None, "smoke")
 
 
 def get_config(arg=None):
-  parent = pathlib.Path(__file__).with_name("voc12_dino_vits8.py")
-  c = load_config(f"{parent}:{arg}" if arg else str(parent))
+  if arg not in ARGS:
+    raise ConfigError(f"configs/voc12_dino_vitb8.py: unknown argument {arg!r}; expected one "
+                      "of: (none), smoke")
+  c = default_config()
   c.arch = "dino_vitb8"
+  c.clustering.num_categories = 5   # CLS superclasses (docs/method.md §3)
+  c.assign.num_classes = 20         # VOC object classes (docs/method.md §9)
+  if arg == "smoke":
+    c.features.image_size = 64
+    c.assign.crop_size = 64
+    c.assign.n_init = 2
+    c.clustering.n_init = 1
+    c.assign.min_region_pixels = 64
   return c
