@@ -29,6 +29,29 @@ def test_resize_matches_torch(method, in_hw, out_hw):
   np.testing.assert_allclose(ours, _torch_resize(x, out_hw, method), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("in_hw,factors", [((14, 14), (20.1 / 14, 9.1 / 14)),
+                                           ((37, 37), (16.1 / 37, 50.1 / 37)),
+                                           ((5, 7), (2.3, 0.75))])
+def test_scale_factor_matches_torch(method, in_hw, factors):
+  # interpolate(scale_factor=s) samples with 1/s, not with in/out (DINO's pos-embed call).
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=in_hw + (2,)).astype(np.float32)
+  t = torch.from_numpy(x).permute(2, 0, 1)[None]
+  kw = {} if method == "nearest" else {"align_corners": False}
+  ref = F.interpolate(t, scale_factor=factors, mode=method, **kw)[0].permute(1, 2, 0).numpy()
+  out_hw = ref.shape[:2]
+  assert out_hw == tuple(int(n * f) for n, f in zip(in_hw, factors))
+  ours = resize(jnp.asarray(x), out_hw, method=method, scale_factor=factors)
+  np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
+  traced = jax.jit(lambda v, s: resize(v, out_hw, method=method, scale_factor=(s[0], s[1])))(
+      jnp.asarray(x), jnp.asarray(factors, jnp.float32))
+  np.testing.assert_allclose(traced, ref, atol=2e-5, rtol=0)
+  if method != "nearest":  # the size= call samples elsewhere: the test can fail
+    by_size = _torch_resize(x, out_hw, method)
+    assert np.abs(by_size - ref).max() > 1e-2
+
+
 @pytest.mark.parametrize("method", ["bilinear", "bicubic"])
 def test_upsample_probs_padded_batch_matches_torch_per_image(method):
   rng = np.random.default_rng(1)

@@ -36,8 +36,15 @@ def _cubic_weight(x: jax.Array, a: float = _CUBIC_A) -> jax.Array:
 
 def interpolation_matrix(
     in_size, out_size, *, in_capacity: int, out_capacity: int,
-    method: Method = "bilinear") -> jax.Array:
+    method: Method = "bilinear", scale_factor=None) -> jax.Array:
   """1-D interpolation matrix of PyTorch `interpolate(..., align_corners=False)`.
+
+  Output sample i reads the input at the source coordinate
+    src_i = (i + 0.5) * scale - 0.5   (bilinear, bicubic),   floor(i * scale)   (nearest),
+  with scale = in_size / out_size for `interpolate(x, size=out_size)`, or
+  scale = 1 / scale_factor for `interpolate(x, scale_factor=scale_factor)` (PyTorch then uses
+  the factor itself, not the ratio of the sizes, unless `recompute_scale_factor=True`; its
+  output size is floor(in_size * scale_factor), which the caller passes as `out_size`).
 
   Args:
     in_size: number of valid input samples (int or traced int scalar), 1 <= in_size.
@@ -45,15 +52,27 @@ def interpolation_matrix(
     in_capacity: static length of the (possibly padded) input axis.
     out_capacity: static length of the (possibly padded) output axis.
     method: "nearest", "bilinear" or "bicubic" (a=-0.75, no antialias).
+    scale_factor: optional PyTorch `scale_factor` of this axis (float or traced scalar);
+      None: the `size=` call. A Python float is inverted in float64 and rounded once, as
+      PyTorch does; a traced one in float32 (within an ulp or two of it).
 
   Returns:
     m: [out_capacity, in_capacity] float32. Row i holds the weights of output sample i;
       rows >= out_size are zero and columns >= in_size are never used, so padding in the
       input never leaks into the output.
+
+  Example (DINO's position-embedding call `scale_factor=(g + 0.1) / 14` for a 14-cell grid):
+    >>> m = interpolation_matrix(14, 20, in_capacity=14, out_capacity=20, method="bicubic",
+    ...                          scale_factor=20.1 / 14)
   """
   in_size_f = jnp.asarray(in_size, jnp.float32)
   out_size_f = jnp.asarray(out_size, jnp.float32)
-  scale = in_size_f / out_size_f
+  if scale_factor is None:
+    scale = in_size_f / out_size_f
+  elif isinstance(scale_factor, (int, float)):
+    scale = jnp.float32(1.0 / scale_factor)
+  else:
+    scale = 1.0 / jnp.asarray(scale_factor, jnp.float32)
   dst = jnp.arange(out_capacity, dtype=jnp.float32)
   last = jnp.asarray(in_size, jnp.int32) - 1
   cols = jnp.arange(in_capacity)
@@ -83,7 +102,7 @@ def interpolation_matrix(
 
 def resize(
     x: jax.Array, out_hw: tuple[int, int], *, method: Method = "bilinear",
-    in_valid_hw=None, out_valid_hw=None) -> jax.Array:
+    in_valid_hw=None, out_valid_hw=None, scale_factor=None) -> jax.Array:
   """Resizes `[..., H, W, C]` to `[..., out_h, out_w, C]` like PyTorch `interpolate`.
 
   Args:
@@ -94,6 +113,9 @@ def resize(
       rest is padding and is ignored. Defaults to the full (H, W).
     out_valid_hw: optional (h, w) of the valid output region; outside it the result is 0.
       Defaults to `out_hw`. The valid input region is mapped onto the valid output region.
+    scale_factor: optional (sy, sx) of PyTorch's `interpolate(..., scale_factor=(sy, sx))`
+      (floats or traced scalars): sample with the factors themselves instead of the size
+      ratios (see `interpolation_matrix`); the output sizes are still `out_valid_hw`.
 
   Returns:
     [..., out_h, out_w, C] array of x's dtype (computed in float32).
@@ -102,8 +124,11 @@ def resize(
   out_h, out_w = out_hw
   in_h, in_w = in_valid_hw if in_valid_hw is not None else (h, w)
   o_h, o_w = out_valid_hw if out_valid_hw is not None else (out_h, out_w)
-  my = interpolation_matrix(in_h, o_h, in_capacity=h, out_capacity=out_h, method=method)
-  mx = interpolation_matrix(in_w, o_w, in_capacity=w, out_capacity=out_w, method=method)
+  sy, sx = scale_factor if scale_factor is not None else (None, None)
+  my = interpolation_matrix(in_h, o_h, in_capacity=h, out_capacity=out_h, method=method,
+                            scale_factor=sy)
+  mx = interpolation_matrix(in_w, o_w, in_capacity=w, out_capacity=out_w, method=method,
+                            scale_factor=sx)
   xf = x.astype(jnp.float32)
   hp = jax.lax.Precision.HIGHEST
   y = jnp.einsum("oh,...hwc->...owc", my, xf, precision=hp)
