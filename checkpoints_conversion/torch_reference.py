@@ -11,10 +11,18 @@ accepts the released `.pth` files.
 Used as the oracle of `lightcluster convert --verify`, of the parity tests and of the
 benchmark. Needs torch (the `[convert]` extra), never timm / torchvision.
 
-Position-embedding interpolation: `interpolation="size"` (default) passes the explicit target
-grid, as the Flax model does; `interpolation="official"` reproduces DINO v1's
-`scale_factor=(h + 0.1) / g0` call (and DINOv2's `interpolate_offset=0.1`), to measure how much
-that quirk moves the features.
+Position-embedding interpolation (`interpolation=`, default the config's `pos_interpolation`),
+each written as the respective peer code calls PyTorch:
+  "official"  facebookresearch/dino `interpolate_pos_encoding` and facebookresearch/dinov2's
+              (main since PR #378): skip when the token count equals the stored one and the
+              image is square; else `interpolate(mode="bicubic", scale_factor=((h0 + 0.1) / M,
+              (w0 + 0.1) / M))` (DINOv2: `interpolate_offset=0.1`, `antialias=False`); DINOv2
+              register models (`interpolate_offset=0.0`, `interpolate_antialias=True`):
+              `size=(h0, w0)`, `antialias=True`.
+  "size"      Hugging Face `ViTModel` / `Dinov2Model` / `Dinov2WithRegistersModel`: the same
+              skip, `size=(h0, w0)`, `align_corners=False`, `antialias` False / False / True.
+  "timm"      timm `resample_abs_pos_embed`: skip when the token count matches and the new grid
+              is square, else `size=new_size`, `antialias=True`.
 """
 
 from __future__ import annotations
@@ -106,11 +114,14 @@ class VisionTransformer(nn.Module):
 
   def __init__(self, *, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                layerscale=False, num_register_tokens=0, pos_grid=14, eps=1e-6,
-               mask_token=False, antialias=False, interpolation="size", attn_impl="official"):
+               mask_token=False, antialias=False, interpolation="official",
+               attn_impl="official"):
     super().__init__()
     self.patch_size = patch_size
     self.num_register_tokens = num_register_tokens
     self.pos_grid = pos_grid
+    if interpolation not in ("official", "size", "timm"):
+      raise ValueError(f"unknown interpolation {interpolation!r}")
     self.antialias = antialias
     self.interpolation = interpolation
     self.family = "dinov2" if layerscale else "dino"
@@ -133,38 +144,60 @@ class VisionTransformer(nn.Module):
 
   @classmethod
   def from_config(cls, config, **kwargs):
-    """Builds the reference for a `lightcluster_jax.vit.ViTConfig`."""
+    """Builds the reference for a `lightcluster_jax.vit.ViTConfig` (its resampling rule
+    unless `interpolation=` is given)."""
+    kwargs.setdefault("interpolation", config.pos_interpolation)
     return cls(patch_size=config.patch_size, embed_dim=config.width, depth=config.depth,
                num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
                layerscale=config.layerscale, num_register_tokens=config.num_registers,
                pos_grid=config.pos_grid, eps=config.ln_eps,
                antialias=config.pos_antialias, **kwargs)
 
-  def interpolate_pos_encoding(self, h0: int, w0: int):
-    n0 = self.pos_grid
-    if (h0, w0) == (n0, n0):
+  def interpolate_pos_encoding(self, x, h: int, w: int):
+    """Position embeddings for tokens `x` [B, 1 + N, D] of an image of h x w pixels."""
+    if self.interpolation == "timm":
+      return self._timm_resample(h // self.patch_size, w // self.patch_size)
+    npatch = x.shape[1] - 1
+    n = self.pos_embed.shape[1] - 1
+    if npatch == n and h == w:  # the official and Hugging Face shortcut
       return self.pos_embed
     pos = self.pos_embed.float()
     cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
     dim = pos.shape[-1]
-    grid = patch_pos.reshape(1, n0, n0, dim).permute(0, 3, 1, 2)
-    if self.interpolation == "official":
-      # DINO v1 / DINOv2-without-registers: size through a scale factor with a +0.1 offset.
-      kwargs = {"scale_factor": ((h0 + 0.1) / n0, (w0 + 0.1) / n0)}
+    h0, w0 = h // self.patch_size, w // self.patch_size
+    m = int(math.sqrt(n))
+    grid = patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if self.interpolation == "official" and not self.antialias:
+      # DINO: `w0, h0 = w0 + 0.1, h0 + 0.1` then scale_factor=(w0 / sqrt(N), h0 / sqrt(N))
+      # (its "w" is dim 2, the height); DINOv2: float(h0 + interpolate_offset) / M.
+      grid = F.interpolate(grid, scale_factor=(float(h0 + 0.1) / m, float(w0 + 0.1) / m),
+                           mode="bicubic", antialias=False)
     else:
-      kwargs = {"size": (h0, w0)}
-    grid = F.interpolate(grid, mode="bicubic", antialias=self.antialias, align_corners=False,
-                         **kwargs)
+      # "official" of the register models (interpolate_offset=0.0 -> size=) and HF.
+      grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", align_corners=False,
+                           antialias=self.antialias)
     assert grid.shape[-2:] == (h0, w0), grid.shape
     patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
     return torch.cat((cls_pos, patch_pos), dim=1).to(self.pos_embed.dtype)
 
+  def _timm_resample(self, h0: int, w0: int):
+    """timm `resample_abs_pos_embed(pos_embed, new_size=(h0, w0), num_prefix_tokens=1)`."""
+    num_pos_tokens = self.pos_embed.shape[1]
+    if h0 * w0 + 1 == num_pos_tokens and h0 == w0:
+      return self.pos_embed
+    hw = int(math.sqrt(num_pos_tokens - 1))
+    prefix, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+    dim = pos.shape[-1]
+    pos = pos.float().reshape(1, hw, hw, -1).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=(h0, w0), mode="bicubic", antialias=True)
+    pos = pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(self.pos_embed.dtype)
+    return torch.cat([prefix, pos], dim=1)
+
   def prepare_tokens(self, x):
     _, _, h, w = x.shape
-    h0, w0 = h // self.patch_size, w // self.patch_size
     t = self.patch_embed(x)
     t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
-    t = t + self.interpolate_pos_encoding(h0, w0)
+    t = t + self.interpolate_pos_encoding(t, h, w)
     if self.num_register_tokens:
       t = torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1), t[:, 1:]), dim=1)
     return t

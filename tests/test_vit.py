@@ -2,8 +2,11 @@
 
 Oracle: `checkpoints_conversion.torch_reference` (written from the official DINO / DINOv2 code)
 with the same random weights in the official key layout, float32 on CPU; tolerance 1e-4
-absolute on O(1)-scaled features (measured differences are ~1e-6). Properties: padding
-invariance, finiteness of fully masked rows, attention implementations agree, jit caching.
+absolute on O(1)-scaled features (measured differences are ~1e-6 to 2e-5). The reference
+resamples position embeddings as each rule's peer code calls PyTorch ("official":
+`scale_factor=(g + 0.1) / M`; "size": `size=`; "timm": `size=`, `antialias=True`); the
+resampled grids alone are compared to PyTorch at 2e-5. Properties: padding invariance,
+finiteness of fully masked rows, attention implementations agree, jit caching.
 """
 
 import dataclasses
@@ -93,6 +96,120 @@ def test_parity_native_and_upsampled_grids(arch, hw):
   out = vit.make_apply_fn(cfg)(params, x)
   np.testing.assert_allclose(out["keys"], ref["keys"].numpy(), atol=ATOL, rtol=0)
   np.testing.assert_allclose(out["cls"], ref["cls"].numpy(), atol=ATOL, rtol=0)
+
+
+def _grids(cfg):
+  """Native, up-sampled, down-sampled and non-square (one side up, one down) patch grids."""
+  g = cfg.pos_grid
+  return [(g, g), (g + 6, g + 6), (g - 5, g - 5), (g - 3, g + 4)]
+
+
+@pytest.mark.parametrize("arch,rule", [(a, r) for a in ("dino_vits16", "dinov2_vits14")
+                                       for r in vit.POS_INTERPOLATIONS]
+                         + [("dinov2_vits14_reg", "official")])
+def test_pos_interpolation_rules_match_their_peer_code(arch, rule):
+  # DINO v1 (random weights in the official layout) and DINOv2: each rule against the reference
+  # running that rule's peer code, at the native grid (no resampling), up- and down-sampled
+  # grids and a non-square one, alone and padded into one bucket (traced valid sizes).
+  # (Register models: the three rules resample identically, see the next tests.)
+  cfg = vit.get_config(arch, depth=1, pos_interpolation=rule)
+  model = tref.randomize_(tref.VisionTransformer.from_config(cfg), 0).eval()
+  assert model.interpolation == rule
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = keymap.official_to_flax(sd, cfg)
+  p = cfg.patch_size
+  fwd = vit.make_apply_fn(cfg)
+  grids = _grids(cfg)
+  imgs, refs = [], []
+  for n, (gh, gw) in enumerate(grids):
+    x = _images(1, gh * p, gw * p, seed=n)
+    with torch.no_grad():
+      tk, tc = model.forward_keys_cls(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    out = fwd(params, x)
+    np.testing.assert_allclose(out["keys"], tk.numpy(), atol=ATOL, rtol=0,
+                               err_msg=f"{rule} {gh}x{gw}")
+    np.testing.assert_allclose(out["cls"], tc.numpy(), atol=ATOL, rtol=0,
+                               err_msg=f"{rule} {gh}x{gw}")
+    imgs.append(x[0])
+    refs.append((tk.numpy()[0], tc.numpy()[0]))
+  bh, bw = max(g[0] for g in grids) + 1, max(g[1] for g in grids)
+  batch, mask = _pad_batch(imgs, (bh * p, bw * p), p)
+  padded = fwd(params, batch, mask)
+  for i, (tk, tc) in enumerate(refs):
+    got = np.asarray(padded["keys"][i])[mask[i].reshape(-1)]
+    np.testing.assert_allclose(got, tk, atol=ATOL, rtol=0, err_msg=f"padded {rule} {grids[i]}")
+    np.testing.assert_allclose(padded["cls"][i], tc, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["dino_vits16", "dinov2_vits14", "dinov2_vits14_reg"])
+def test_resampled_position_grids_match_pytorch_calls(arch):
+  # The resampled grids themselves against the PyTorch call of each rule, written here
+  # independently of the reference model; static and traced (vmapped) valid sizes.
+  cfg = vit.get_config(arch)
+  m = cfg.pos_grid
+  pos = np.random.default_rng(0).standard_normal((m, m, 8)).astype(np.float32)
+  t = torch.from_numpy(pos).permute(2, 0, 1)[None]
+
+  def torch_call(rule, gh, gw):
+    if (gh, gw) == (m, m):
+      return pos
+    if rule == "official" and not cfg.pos_antialias:
+      y = F.interpolate(t, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic")
+    else:
+      aa = cfg.pos_antialias or rule == "timm"
+      y = F.interpolate(t, size=(gh, gw), mode="bicubic", align_corners=False, antialias=aa)
+    return y[0].permute(1, 2, 0).numpy()
+
+  cap = (m + 7, m + 7)
+  grids = _grids(cfg) + [(1, 3), (m, m + 1)]
+  for rule in vit.POS_INTERPOLATIONS:
+    # Traced sizes (as in a padded batch): one compilation serves every grid.
+    traced = jax.jit(jax.vmap(lambda a, b: vit.resample_pos_embed(
+        jnp.asarray(pos), cap, (a, b), config=cfg, rule=rule)))(
+            jnp.array([g[0] for g in grids]), jnp.array([g[1] for g in grids]))
+    for i, (gh, gw) in enumerate(grids):
+      ref = torch_call(rule, gh, gw)
+      np.testing.assert_allclose(np.asarray(traced[i])[:gh, :gw], ref, atol=2e-5, rtol=0,
+                                 err_msg=f"traced {rule} {gh}x{gw}")
+      assert np.all(np.asarray(traced[i])[gh:] == 0) and np.all(np.asarray(traced[i])[:, gw:] == 0)
+      if i == 3:  # static sizes (Python ints): the non-square grid
+        static = _resample_jit(jnp.asarray(pos), (gh, gw), config=cfg, rule=rule)
+        np.testing.assert_allclose(static, ref, atol=2e-5, rtol=0, err_msg=f"{rule} {gh}x{gw}")
+
+
+_resample_jit = jax.jit(vit.resample_pos_embed, static_argnames=("out_hw", "config", "rule"))
+
+
+def test_rules_differ_only_where_their_peers_do():
+  pos = jnp.asarray(np.random.default_rng(0).standard_normal((37, 37, 4)), jnp.float32)
+  v2, reg = vit.get_config("dinov2_vits14"), vit.get_config("dinov2_vits14_reg")
+
+  def diff(cfg, a, b, hw):
+    return float(jnp.max(jnp.abs(_resample_jit(pos, hw, config=cfg, rule=a)
+                                 - _resample_jit(pos, hw, config=cfg, rule=b))))
+
+  for hw in [(16, 16), (32, 44)]:  # down; non-square (one side down, one up)
+    assert diff(v2, "official", "size", hw) > 0.05  # the 0.1 offset moves the samples
+    assert diff(v2, "timm", "size", hw) > 0.05      # antialias (and a=-0.5) changes weights
+    # Register models: official code (interpolate_offset=0, antialias) = HF = timm.
+    assert diff(reg, "official", "size", hw) == 0.0 and diff(reg, "timm", "size", hw) == 0.0
+  for rule in vit.POS_INTERPOLATIONS:  # native grid: untouched by every rule
+    np.testing.assert_array_equal(_resample_jit(pos, (37, 37), config=v2, rule=rule), pos)
+
+
+def test_pos_interpolation_argument_overrides_the_config():
+  cfg, _, params = _setup("dinov2_vits14", depth=1)
+  assert cfg.pos_interpolation == "official"
+  x = _images(1, 14 * 20, 14 * 12)
+  size_cfg = vit.get_config(cfg, pos_interpolation="size")
+  want = vit.make_apply_fn(size_cfg)(params, x)
+  got = vit.make_apply_fn(cfg, pos_interpolation="size")(params, x)
+  got2 = vit.apply(params, x, arch=cfg, pos_interpolation="size")
+  official = vit.apply(params, x, arch=cfg)
+  np.testing.assert_array_equal(got["keys"], want["keys"])
+  np.testing.assert_allclose(got2["keys"], want["keys"], atol=1e-5, rtol=0)
+  assert float(np.max(np.abs(official["keys"] - want["keys"]))) > 1e-2
+  assert vit.make_apply_fn(cfg, pos_interpolation="size") is vit.make_apply_fn(size_cfg)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(37, 16), (37, 24), (37, 37), (37, 50), (14, 5),
@@ -243,5 +360,11 @@ def test_configs():
                             "dinov2_vitb14_reg"}
   assert vit.ARCHS["dino_vits8"].pos_grid == 28 and vit.ARCHS["dinov2_vitb14"].pos_grid == 37
   assert vit.get_config("dino_vitb8", depth=2).depth == 2
+  assert all(c.pos_interpolation == "official" for c in vit.ARCHS.values())
+  assert [c.name for c in vit.ARCHS.values() if c.pos_antialias] == [
+      "dinov2_vits14_reg", "dinov2_vitb14_reg"]  # hub: interpolate_antialias=True
+  assert vit.get_config("dino_vits8", pos_interpolation="timm").pos_interpolation == "timm"
+  with pytest.raises(ValueError, match="unknown pos_interpolation 'bicubic'.*official, size"):
+    vit.get_config("dino_vits8", pos_interpolation="bicubic")
   n = sum(np.prod(s) for s in vit.param_shapes("dino_vits16").values())
   assert n == 21_665_664  # the official ViT-S/16 backbone's parameter count

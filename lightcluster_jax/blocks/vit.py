@@ -15,14 +15,27 @@ Forward pass for an image x: [H, W, 3] with patch size p, grid (h, w) = (H/p, W/
   cls = LN(t)[0],  patch_tokens = LN(t)[1 + R:]
 
 `bias` is 0 for valid keys and a large negative number for padded patches, so an image padded
-into a larger bucket gives the same outputs on its valid patches as the image alone. The
-position embedding is resampled per image to ITS valid grid with PyTorch's bicubic kernel
-(a=-0.75, no antialias; antialiased a=-0.5 for the register variants, as DINOv2 does) and an
-explicit target size. Deviation, on purpose: DINO v1 computes the size through
-`scale_factor=(h + 0.1) / g0` (and DINOv2 without registers through an `interpolate_offset` of
-0.1), which shifts the sampling grid by a fraction of a cell; we pass the size itself, as
-DINOv2 later did (dinov2 PR #378). At the checkpoint's native grid no resampling happens, as
-in the official code.
+into a larger bucket gives the same outputs on its valid patches as the image alone.
+
+Position embeddings at other grids: the stored M x M grid is resampled per image to ITS valid
+grid (h, w) by the rule in `ViTConfig.pos_interpolation`, each one reproducing a peer's code to
+float32 rounding:
+  "official"  the authors' `interpolate_pos_encoding` as their released models run it.
+              DINO (facebookresearch/dino) and DINOv2 without registers
+              (`interpolate_offset=0.1`, `interpolate_antialias=False`): bicubic a=-0.75 called
+              with `scale_factor=((h + 0.1) / M, (w + 0.1) / M)`; PyTorch then samples output
+              row i at (i + 0.5) * M / (h + 0.1) - 0.5, not at (i + 0.5) * M / h - 0.5: the
+              samples are spaced M / (h + 0.1) apart instead of M / h and drift towards the
+              top-left, by up to ~0.1 M / h stored cells at the far edge (0.23 for 37 -> 16),
+              while the output size stays floor(h + 0.1) = h. DINOv2 register models
+              (`interpolate_offset=0`, `interpolate_antialias=True`): explicit size, PyTorch's
+              antialiased bicubic (a=-0.5, support widened when downsampling).
+  "size"      Hugging Face `ViTModel` / `Dinov2Model`: explicit size, bicubic a=-0.75
+              (`Dinov2WithRegistersModel`: antialiased, like the official register models).
+  "timm"      timm `resample_abs_pos_embed`: explicit size, antialiased bicubic, every model.
+All rules leave a square grid equal to the stored one untouched (the official, Hugging Face and
+timm shortcut); "official" is the default of `ARCHS`, and converted files record the rule of
+the code their checkpoint came from (`weights.load` returns it in the config).
 
 Example:
   >>> params = init_params("dino_vits16", jax.random.PRNGKey(0))
@@ -46,8 +59,9 @@ import numpy as np
 from lightcluster_jax.blocks.resize import resize
 
 __all__ = [
-    "ARCHS", "OUTPUTS", "ViTConfig", "VisionTransformer", "apply", "get_config", "init_params",
-    "make_apply_fn", "param_shapes", "validate_params",
+    "ARCHS", "OUTPUTS", "POS_INTERPOLATIONS", "ViTConfig", "VisionTransformer", "apply",
+    "get_config", "init_params", "make_apply_fn", "param_shapes", "resample_pos_embed",
+    "validate_params",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +71,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # per requested block (under out["blocks"][i]): "qkv" (-> "q", "k", "v"), "attn", "tokens".
 OUTPUTS = ("keys", "cls", "cls_attn", "patch_tokens", "qkv", "attn", "tokens")
 _BLOCK_OUTPUTS = ("qkv", "attn", "tokens")
+
+# Position-embedding resampling rules (`ViTConfig.pos_interpolation`), see the module docstring.
+POS_INTERPOLATIONS = ("official", "size", "timm")
+_OFFICIAL_OFFSET = 0.1  # DINO's `w0 + 0.1`, DINOv2's `interpolate_offset=0.1`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +94,11 @@ class ViTConfig:
     family: "dino" or "dinov2".
     pos_grid: side of the checkpoint's native position-embedding grid (224/p for DINO,
       518/14 = 37 for DINOv2).
-    pos_antialias: resample the position embedding with PyTorch's antialiased bicubic
-      (DINOv2 register models); otherwise plain bicubic a=-0.75.
+    pos_antialias: the checkpoint family's own code resamples the position embedding with
+      PyTorch's antialiased bicubic (DINOv2 register models: `interpolate_antialias=True`
+      there and in Hugging Face `Dinov2WithRegistersModel`); otherwise plain bicubic a=-0.75.
+    pos_interpolation: how position embeddings are resampled to other grids: "official",
+      "size" or "timm" (see the module docstring and `POS_INTERPOLATIONS`).
   """
   name: str
   patch_size: int
@@ -91,6 +112,12 @@ class ViTConfig:
   family: str = "dino"
   pos_grid: int = 14
   pos_antialias: bool = False
+  pos_interpolation: str = "official"
+
+  def __post_init__(self):
+    if self.pos_interpolation not in POS_INTERPOLATIONS:
+      raise ValueError(f"unknown pos_interpolation {self.pos_interpolation!r} ({self.name}); "
+                       f"expected one of {', '.join(POS_INTERPOLATIONS)}")
 
   @property
   def head_dim(self) -> int:
@@ -183,10 +210,64 @@ def _aa_bicubic_matrix(in_size, out_size, *, in_capacity: int, out_capacity: int
   return jnp.where(valid_rows, w, 0.0)
 
 
+def _pos_sampling(cfg: ViTConfig, rule: str) -> tuple[bool, bool]:
+  """(offset, antialias) of a rule: offset = sample through `scale_factor=(g + 0.1) / M`."""
+  if rule == "official":
+    # The official code ties the two: DINOv2's register models are built with
+    # interpolate_offset=0 and interpolate_antialias=True, every other model with 0.1 / False.
+    return (False, True) if cfg.pos_antialias else (True, False)
+  if rule == "size":
+    return False, cfg.pos_antialias
+  if rule == "timm":
+    return False, True
+  raise ValueError(f"unknown pos_interpolation {rule!r}; expected one of "
+                   f"{', '.join(POS_INTERPOLATIONS)}")
+
+
+def resample_pos_embed(pos: jax.Array, out_hw, valid_hw=None, *, config: ViTConfig,
+                       rule: str | None = None) -> jax.Array:
+  """Resamples the stored patch position embeddings to a grid, as `rule`'s peer code does.
+
+  Args:
+    pos: [M, M, D] stored patch position embeddings (without the CLS entry).
+    out_hw: static (h, w) of the output grid.
+    valid_hw: optional (h_v, w_v) (ints or traced scalars): resample to this top-left part of
+      the output grid and leave zeros elsewhere (padded images). Default: `out_hw`.
+    config: the `ViTConfig` (its `pos_antialias`; its `pos_interpolation` unless `rule`).
+    rule: "official", "size" or "timm" (see the module docstring); default the config's.
+
+  Returns:
+    [h, w, D] float32. A valid grid equal to (M, M) returns `pos` itself under every rule.
+
+  The "official" rule, per axis with g valid cells: scale_factor s = (g + 0.1) / M, output
+  size floor(M s) = g, output cell i sampled at (i + 0.5) / s - 0.5 by Keys' cubic (a=-0.75)
+  with clamped borders. At the stored square grid the official code skips the call (s would
+  not be 1 there), so both factors become 1 (the identity) when (h_v, w_v) = (M, M).
+  """
+  rule = config.pos_interpolation if rule is None else rule
+  offset, antialias = _pos_sampling(config, rule)
+  valid_hw = tuple(out_hw) if valid_hw is None else tuple(valid_hw)
+  g0 = pos.shape[0]
+  if offset:
+    vh, vw = valid_hw
+    if isinstance(vh, int) and isinstance(vw, int):
+      native = (vh, vw) == (g0, g0)
+      sy, sx = (1.0, 1.0) if native else ((vh + _OFFICIAL_OFFSET) / g0,
+                                          (vw + _OFFICIAL_OFFSET) / g0)
+    else:
+      native = (jnp.asarray(vh) == g0) & (jnp.asarray(vw) == g0)
+      sy = jnp.where(native, 1.0, (jnp.asarray(vh, jnp.float32) + _OFFICIAL_OFFSET) / g0)
+      sx = jnp.where(native, 1.0, (jnp.asarray(vw, jnp.float32) + _OFFICIAL_OFFSET) / g0)
+    return resize(pos.astype(jnp.float32), out_hw, method="bicubic", out_valid_hw=valid_hw,
+                  scale_factor=(sy, sx))
+  return _resample_pos(pos, out_hw, valid_hw, antialias=antialias)
+
+
 def _resample_pos(pos: jax.Array, out_hw, valid_hw, *, antialias: bool) -> jax.Array:
-  """Resamples a [g0, g0, D] grid to the valid top-left `valid_hw` of an `out_hw` grid."""
+  """Explicit-size resampling of a [g0, g0, D] grid to the valid top-left `valid_hw` of an
+  `out_hw` grid (bicubic a=-0.75, or PyTorch's antialiased bicubic)."""
   if not antialias:
-    return resize(pos, out_hw, method="bicubic", out_valid_hw=valid_hw)
+    return resize(pos.astype(jnp.float32), out_hw, method="bicubic", out_valid_hw=valid_hw)
   g0 = pos.shape[0]
   my = _aa_bicubic_matrix(g0, valid_hw[0], in_capacity=g0, out_capacity=out_hw[0])
   mx = _aa_bicubic_matrix(g0, valid_hw[1], in_capacity=g0, out_capacity=out_hw[1])
@@ -490,13 +571,13 @@ class VisionTransformer(nn.Module):
       if (gh, gw) == (n0, n0):
         pos = pos_grid[None]
       else:
-        pos = _resample_pos(pos_grid, (gh, gw), (gh, gw), antialias=cfg.pos_antialias)[None]
+        pos = resample_pos_embed(pos_grid, (gh, gw), config=cfg)[None]
     else:
       # The valid region is a top-left rectangle: its size is the mask's first column / row.
       vh = jnp.maximum(jnp.sum(mask[:, :, 0], axis=1), 1)
       vw = jnp.maximum(jnp.sum(mask[:, 0, :], axis=1), 1)
-      pos = jax.vmap(lambda a, bb: _resample_pos(
-          pos_grid, (gh, gw), (a, bb), antialias=cfg.pos_antialias))(vh, vw)
+      pos = jax.vmap(lambda a, bb: resample_pos_embed(
+          pos_grid, (gh, gw), (a, bb), config=cfg))(vh, vw)
     x = x + pos.reshape(-1, n_patch, d).astype(jnp.float32)
     cls = jnp.broadcast_to((cls_token[0, 0] + pos_cls).astype(jnp.float32), (b, 1, d))
     tokens = [cls]
@@ -622,7 +703,8 @@ def validate_params(params, arch, *, source: str = "params") -> None:
 
 
 def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cls"),
-          dtype=jnp.float32, precision=None, attn_impl: str = "auto") -> dict:
+          dtype=jnp.float32, precision=None, attn_impl: str = "auto",
+          pos_interpolation: str | None = None) -> dict:
   """Runs the ViT and returns only the requested features.
 
   Args:
@@ -639,6 +721,8 @@ def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cl
       the residual stream and all returned arrays stay float32.
     precision: matmul precision (e.g. "highest" for parity checks on GPU/TPU).
     attn_impl: "auto" | "map" | "full" | "dpa" (see `attention`).
+    pos_interpolation: "official" | "size" | "timm": overrides the config's rule for
+      resampling the position embedding (see the module docstring); None keeps it.
 
   Returns:
     dict with, as requested, for P = (H/p) (W/p) patches in row-major order and
@@ -651,6 +735,8 @@ def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cl
     Padded patches hold zeros or arbitrary finite values that never influence valid ones.
   """
   cfg = _resolve(arch)
+  if pos_interpolation is not None and pos_interpolation != cfg.pos_interpolation:
+    cfg = dataclasses.replace(cfg, pos_interpolation=pos_interpolation)
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be [B, H, W, 3]; got shape {images.shape}")
@@ -671,14 +757,19 @@ def _make_apply_fn_cached(cfg, blocks, outputs, dtype, precision, attn_impl):
 
 
 def make_apply_fn(arch, *, blocks: Iterable[int] = (-1,), outputs=("keys", "cls"),
-                  dtype=jnp.float32, precision=None, attn_impl: str = "auto"):
+                  dtype=jnp.float32, precision=None, attn_impl: str = "auto",
+                  pos_interpolation: str | None = None):
   """A cached, jitted `fn(params, images, mask=None)` for fixed static arguments.
+
+  `pos_interpolation` overrides the rule of `arch` (see `apply`).
 
   Example:
     >>> fwd = make_apply_fn("dinov2_vits14")
     >>> out = fwd(params, images, mask)   # compiled once per (images, mask) shape
   """
   cfg = _resolve(arch)
+  if pos_interpolation is not None and pos_interpolation != cfg.pos_interpolation:
+    cfg = dataclasses.replace(cfg, pos_interpolation=pos_interpolation)
   return _make_apply_fn_cached(cfg, tuple(int(b) for b in np.atleast_1d(blocks)),
                                _normalise_outputs(outputs), jnp.dtype(dtype), precision,
                                attn_impl)
