@@ -30,6 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.features.batch_size = 4      # images per ViT call
   c.features.bucket_multiple = 4  # padded grid sides are multiples of this many patches
   c.features.dtype = "float32"   # "bfloat16" on accelerators
+  c.features.pos_interpolation = "checkpoint"  # position-embedding resampling to other grids:
+  #                                  checkpoint (the rule recorded with the weights: official
+  #                                  for official DINO / DINOv2 files, size for Hugging Face,
+  #                                  timm for timm) | official | size | timm (lightcluster_jax.vit)
 
   c.clustering = ml_collections.ConfigDict()
   c.clustering.k_image = 2

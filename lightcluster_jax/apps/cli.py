@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import pathlib
@@ -113,6 +114,13 @@ def _segment(argv) -> int:
     raise CLIError(str(e)) from e
   paths = _list_inputs(args.images, args.split)[:args.limit]
   arch, params, sha = weights.load_for_run(args.weights)
+  rule = config.features.get("pos_interpolation", "checkpoint")
+  if rule != "checkpoint":  # replaces the position-embedding rule recorded with the weights
+    from lightcluster_jax.blocks import vit
+    try:
+      arch = dataclasses.replace(vit.get_config(arch), pos_interpolation=rule)
+    except ValueError as e:
+      raise CLIError(f"config.features.pos_interpolation: {e}; or checkpoint") from e
   arch_name = arch if isinstance(arch, str) else arch.name
   if arch_name != config.arch:
     warnings.warn(f"the weights are {arch_name}; config.arch={config.arch!r} is replaced by it")
