@@ -6,9 +6,15 @@
 
 Inputs: official `.pth` (also teacher/student training checkpoints with `module.` /
 `backbone.` prefixes; needs torch), Hugging Face `.safetensors` of DINO / DINOv2 (no torch),
-`.npz` in official key names (no torch). Output: a flat `.npz` with the Flax params, the
-variant name and a sha256 manifest (`lightcluster_jax.weights.save`), optionally an orbax
-checkpoint.
+timm DINOv2 register checkpoints, `.npz` in official key names (no torch). Output: a flat
+`.npz` with the Flax params, the variant name and a sha256 manifest
+(`lightcluster_jax.weights.save`), optionally an orbax checkpoint.
+
+The converted file records how the checkpoint's own code resamples position embeddings
+(`pos_interpolation` in its config): official names -> "official", Hugging Face names ->
+"size", timm's register layout -> "timm" (`keymap.LAYOUT_POS_INTERPOLATION`). timm files of
+models without registers carry the official names; name their rule with
+`--pos-interpolation timm`.
 
 `--verify` runs the PyTorch reference ViT of this package (`torch_reference.py`, written from
 the official model code and loaded with the checkpoint's own tensors) and the Flax model on the
@@ -60,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tolerance", type=float, default=1e-4,
                  help="max abs difference accepted by --verify (default 1e-4)")
   p.add_argument("--seed", type=int, default=0, help="seed of the --verify images")
+  p.add_argument("--pos-interpolation", default="auto",
+                 choices=("auto",) + tuple(vit.POS_INTERPOLATIONS),
+                 help="position-embedding rule recorded in the output: auto (default) = the "
+                      "rule of the checkpoint's code, read from its key layout (official -> "
+                      "official, Hugging Face -> size, timm register layout -> timm); "
+                      "--verify checks this rule against the PyTorch reference")
   p.add_argument("--checkpoint-key", default=None,
                  help="entry of a training checkpoint to convert (default: teacher)")
   p.add_argument("--trust-pickle", action="store_true",
@@ -78,7 +90,8 @@ def verify(cfg, params, torch_state_dict, *, sizes, batch: int = 2, seed: int = 
   """Max abs differences of last-block Keys and final CLS: Flax vs the PyTorch reference.
 
   Args:
-    cfg: the ViTConfig.
+    cfg: the ViTConfig; both models resample position embeddings by its `pos_interpolation`
+      (the reference as that rule's peer code does).
     params: Flax params.
     torch_state_dict: official-name arrays loaded strictly into the reference.
     sizes: [(H, W), ...] image sizes (multiples of the patch size).
@@ -107,7 +120,8 @@ def verify(cfg, params, torch_state_dict, *, sizes, batch: int = 2, seed: int = 
     per_size.append({"size": [h, w], "keys": k_diff, "cls": c_diff,
                      "keys_absmax": float(np.max(np.abs(tk.numpy())))})
     dk, dc = max(dk, k_diff), max(dc, c_diff)
-  return {"arch": cfg.name, "max_abs_diff_keys": dk, "max_abs_diff_cls": dc,
+  return {"arch": cfg.name, "pos_interpolation": cfg.pos_interpolation,
+          "max_abs_diff_keys": dk, "max_abs_diff_cls": dc,
           "ok": bool(dk <= tolerance and dc <= tolerance), "tolerance": tolerance,
           "sizes": per_size}
 
@@ -128,6 +142,7 @@ def main(argv=None) -> int:
         print(f"error: --verify-sizes {h}x{w} is not a multiple of the patch size {p}",
               file=sys.stderr)
         return 2
+  rule = None if args.pos_interpolation == "auto" else args.pos_interpolation
   try:
     if args.checkpoint is None:
       path = weights.fetch_official(args.arch, args.cache_dir, base_url=args.base_url,
@@ -139,9 +154,10 @@ def main(argv=None) -> int:
     raw = weights.read_checkpoint(path, trust_pickle=args.trust_pickle)
     torch_sd = None
     if isinstance(raw, dict) and "__meta__" in raw:  # already converted: re-save / verify
-      arch, params = weights.load(path)
+      arch, params = weights.load(path, pos_interpolation=rule)
       cfg = vit.get_config(arch)
-      if args.arch is not None and vit.get_config(args.arch) != cfg:
+      if args.arch is not None and vit.get_config(
+          args.arch, pos_interpolation=cfg.pos_interpolation) != cfg:
         raise weights.WeightsError(f"{path}: converted for {cfg.name!r}, not {args.arch!r}")
       report = {"layout": "converted", "ignored_keys": []}
       torch_sd = keymap.flax_to_official(params, cfg)
@@ -151,7 +167,9 @@ def main(argv=None) -> int:
       cfg = vit.get_config(args.arch or keymap.infer_arch(canon, source=str(path)))
       keymap.check_shapes(canon, cfg, unknown=unknown, source=str(path))
       params = keymap.official_to_flax(canon, cfg)
-      report = {"layout": keymap.layout(sd), "ignored_keys": sorted(ignored)}
+      kind = keymap.layout(sd)
+      cfg = vit.get_config(cfg, pos_interpolation=rule or keymap.pos_interpolation_of(kind))
+      report = {"layout": kind, "ignored_keys": sorted(ignored)}
       torch_sd = canon
   except (weights.WeightsError, keymap.CheckpointError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -164,13 +182,17 @@ def main(argv=None) -> int:
   if report["ignored_keys"]:
     print(f"ignored keys (not part of the backbone): {', '.join(report['ignored_keys'])}",
           file=sys.stderr)
-  source = {"file": pathlib.Path(path).name, "sha256": src_sha, "layout": report["layout"]}
+  source = {"file": pathlib.Path(path).name, "sha256": src_sha, "layout": report["layout"],
+            "pos_interpolation_from": "--pos-interpolation" if rule else (
+                "file" if report["layout"] == "converted" else "layout")}
   out = weights.save(args.out, cfg, params, source=source, orbax_dir=args.orbax)
   print(f"wrote {out} ({cfg.name}, {len(vit.flatten_params(params))} arrays, layout "
-        f"{report['layout']})" + (f"; orbax checkpoint in {args.orbax}" if args.orbax else ""),
+        f"{report['layout']}, position embeddings resampled by the {cfg.pos_interpolation!r} "
+        "rule)" + (f"; orbax checkpoint in {args.orbax}" if args.orbax else ""),
         file=sys.stderr)
   if not args.verify:
-    print(json.dumps({"arch": cfg.name, "out": str(out), "input_sha256": src_sha}))
+    print(json.dumps({"arch": cfg.name, "pos_interpolation": cfg.pos_interpolation,
+                      "out": str(out), "input_sha256": src_sha}))
     return 0
   try:
     result = verify(cfg, params, torch_sd, sizes=args.verify_sizes, batch=args.verify_batch,

@@ -1,12 +1,17 @@
 """Checkpoint conversion: layouts, errors, the converted-.npz format, `lightcluster convert`.
 
 Oracles: the official-name state dict of the PyTorch reference (random weights) mapped
-directly; Hugging Face layouts are produced here by an independent inverse mapping written in
-this file; parity of the converted model is checked by `convert.verify` (PyTorch reference,
-tolerance 1e-4). The real DINOv2-S/14 weights in ../shared/assets are converted, verified, and
-their Keys are checked to separate foreground from background on the 9 VOC images.
+directly; Hugging Face and timm layouts are produced here by independent inverse mappings
+written in this file; parity of the converted model is checked by `convert.verify` (PyTorch
+reference running the recorded position-embedding rule, tolerance 1e-4). The position-embedding
+rule recorded for each layout (official -> "official", Hugging Face -> "size", timm ->
+"timm") and its round trip through the file format, including files of format /1 that
+recorded none, are checked here. The real DINOv2-S/14 weights in ../shared/assets are
+converted, verified, and their Keys are checked to separate foreground from background on the
+9 VOC images.
 """
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -15,10 +20,11 @@ import numpy as np
 import pytest
 
 from lightcluster_jax import cli, vit, weights
+from lightcluster_jax.weights import keymap
 
 torch = pytest.importorskip("torch")
 
-from checkpoints_conversion import convert, keymap  # noqa: E402
+from checkpoints_conversion import convert  # noqa: E402
 from checkpoints_conversion import torch_reference as tref  # noqa: E402
 
 
@@ -71,6 +77,49 @@ def _to_hf(sd, cfg):
       hf[h + "layer_scale1.lambda1"] = sd[o + "ls1.gamma"]
       hf[h + "layer_scale2.lambda1"] = sd[o + "ls2.gamma"]
   return {k: np.ascontiguousarray(v) for k, v in hf.items()}
+
+
+def _to_timm(sd):
+  """Official DINOv2 register-model names -> timm's layout (as timm's `_convert_dinov2`: no
+  mask_token, `reg_token`, CLS position folded into `cls_token`, pos_embed without it)."""
+  out = {k: v for k, v in sd.items()
+         if k not in ("mask_token", "register_tokens", "cls_token", "pos_embed")}
+  out["reg_token"] = sd["register_tokens"]
+  out["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+  out["pos_embed"] = sd["pos_embed"][:, 1:]
+  return out
+
+
+def test_each_layout_records_the_rule_of_its_code():
+  x = np.random.default_rng(0).standard_normal((1, 14 * 9, 14 * 41, 3)).astype(np.float32)
+  for arch in ("dino_vits16", "dinov2_vits14_reg"):
+    cfg, sd = _sd(arch, depth=1)
+    got = {}
+    layouts = [("official", sd), ("hf", _to_hf(sd, cfg))]
+    if cfg.num_registers:  # timm's DINO / DINOv2 files carry the official names
+      layouts.append(("timm", _to_timm(sd)))
+    for name, raw in layouts:
+      c, params, report = keymap.to_flax(raw, cfg)
+      got[name] = (c, params)
+      assert report["pos_interpolation"] == c.pos_interpolation
+      assert dataclasses.replace(c, pos_interpolation=cfg.pos_interpolation) == cfg
+    assert got["official"][0].pos_interpolation == "official"
+    assert got["hf"][0].pos_interpolation == "size"
+    _assert_same_params(got["hf"][1], got["official"][1])
+    # An explicit rule wins over the layout's.
+    assert keymap.to_flax(_to_hf(sd, cfg), cfg, pos_interpolation="timm")[0].pos_interpolation \
+        == "timm"
+    if "timm" in got:
+      c, params = got["timm"]
+      assert c.pos_interpolation == "timm"
+      assert keymap.layout(_to_timm(sd)) == "timm" and keymap.layout(sd) == "official"
+      np.testing.assert_array_equal(params["register_tokens"], sd["register_tokens"])
+      assert np.all(params["pos_embed"][:, 0] == 0)  # CLS position lives in cls_token
+      # Same features as the official-layout weights run by the same rule.
+      a = vit.apply(params, x, arch=c)
+      b = vit.apply(got["official"][1], x, arch=got["official"][0], pos_interpolation="timm")
+      for k in ("keys", "cls"):
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", list(vit.ARCHS))
@@ -279,6 +328,95 @@ def test_cli_convert_verify_json_and_exit_status(tmp_path, capsys):
   assert rc == 2 and "dino_vitb16 expects" in err and not (tmp_path / "wrong.npz").exists()
 
 
+def test_converter_records_the_rule_and_files_round_trip_it(tmp_path, capsys):
+  from safetensors.numpy import save_file
+  # Official .pth (DINO v1 names) -> "official", a standard config: the name comes back.
+  cfg = vit.get_config("dino_vits16")
+  sd = tref.random_state_dict(cfg, 0)
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "dino.pth")
+  assert convert.main(["--checkpoint", str(tmp_path / "dino.pth"),
+                       "--out", str(tmp_path / "dino.npz")]) == 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1])["pos_interpolation"] == "official"
+  assert weights.load(tmp_path / "dino.npz")[0] == "dino_vits16"
+  # Hugging Face Dinov2Model names -> "size": the config (not the bare name) comes back.
+  cfg2 = vit.get_config("dinov2_vits14")
+  sd2 = tref.random_state_dict(cfg2, 1)
+  save_file(_to_hf(sd2, cfg2), str(tmp_path / "hf.safetensors"))
+  assert convert.main(["--checkpoint", str(tmp_path / "hf.safetensors"),
+                       "--out", str(tmp_path / "hf.npz")]) == 0
+  arch, params = weights.load(tmp_path / "hf.npz")
+  assert arch == vit.get_config("dinov2_vits14", pos_interpolation="size")
+  assert weights.load_any(tmp_path / "hf.npz", "dinov2_vits14")[0] == arch  # rule from the file
+  assert weights.load_any(tmp_path / "hf.safetensors")[0] == arch  # converted on the fly
+  assert weights.load(tmp_path / "hf.npz", pos_interpolation="official")[0] == "dinov2_vits14"
+  with np.load(tmp_path / "hf.npz") as z:
+    meta = json.loads(str(z["__meta__"]))
+  assert meta["format"] == weights.FORMAT and meta["config"]["pos_interpolation"] == "size"
+  assert meta["source"]["layout"] == "hf_dinov2"
+  # timm's register layout -> "timm", verified against the reference running timm's call.
+  cfg3 = vit.get_config("dinov2_vits14_reg")
+  sd3 = tref.random_state_dict(cfg3, 2)
+  save_file(_to_timm(sd3), str(tmp_path / "timm.safetensors"))
+  rc = convert.main(["--checkpoint", str(tmp_path / "timm.safetensors"), "--out",
+                     str(tmp_path / "timm.npz"), "--verify", "--verify-sizes", "56x70,42x42",
+                     "--verify-batch", "1"])
+  res = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert rc == 0 and res["ok"] and res["pos_interpolation"] == "timm", res
+  assert vit.get_config(weights.load(tmp_path / "timm.npz")[0]).pos_interpolation == "timm"
+  # --pos-interpolation names the rule (timm files without registers look official).
+  assert convert.main(["--checkpoint", str(tmp_path / "dino.pth"), "--out",
+                       str(tmp_path / "dino_timm.npz"), "--pos-interpolation", "timm"]) == 0
+  arch, _ = weights.load(tmp_path / "dino_timm.npz")
+  assert arch == vit.get_config("dino_vits16", pos_interpolation="timm")
+
+
+def _rewrite_meta(path, edit):
+  with np.load(path) as z:
+    arrays = {k: z[k] for k in z.files}
+  meta = json.loads(str(arrays["__meta__"]))
+  edit(meta)
+  arrays["__meta__"] = np.asarray(json.dumps(meta))
+  np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("layout,rule", [("official", "official"), ("hf_dinov2", "size"),
+                                         ("hf_dino", "size"), (None, "official")])
+def test_files_of_format_1_without_a_rule_still_load(tmp_path, layout, rule):
+  # Format /1 (before the rule was recorded): the rule of the recorded source layout's code;
+  # "official" when none is recorded (what the official code of official-name weights does).
+  cfg, sd = _sd("dinov2_vits14", depth=1)
+  _, params, _ = keymap.to_flax(sd, cfg)
+  path = weights.save(tmp_path / "old.npz", cfg, params,
+                      source={"layout": layout} if layout else None)
+
+  def to_v1(meta):
+    meta["format"] = "lightcluster_jax.vit/1"
+    del meta["config"]["pos_interpolation"]
+    if layout is None:
+      meta["source"] = {}
+
+  _rewrite_meta(path, to_v1)
+  arch, loaded = weights.load(path)
+  assert arch == dataclasses.replace(cfg, pos_interpolation=rule)
+  _assert_same_params(loaded, params)
+  assert weights.load_any(path)[0] == arch
+  _rewrite_meta(path, lambda m: m.update(format="lightcluster_jax.vit/0"))
+  with pytest.raises(weights.WeightsError, match="format 'lightcluster_jax.vit/0'"):
+    weights.load(path)
+
+
+def test_segment_rejects_an_unknown_rule(tmp_path, capsys):
+  from PIL import Image
+  cfg, sd = _sd("dino_vits16", depth=1)
+  path = weights.save(tmp_path / "w.npz", cfg, keymap.to_flax(sd, cfg)[1])
+  (tmp_path / "img").mkdir()
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+  rc = cli.main(["segment", "--images", str(tmp_path / "img"), "--weights", str(path),
+                 "--out", str(tmp_path / "out"), "--config.features.pos_interpolation=bicubic"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "pos_interpolation" in err and "bicubic" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # Real DINOv2-S/14 weights (../shared/assets)
 
@@ -383,8 +521,8 @@ def test_safetensors_and_npz_need_no_torch(tmp_path):
       f"a, p = weights.load_any({str(tmp_path / 'm.safetensors')!r}, cfg)\n"
       f"b, q = weights.load_any({str(tmp_path / 'm.npz')!r}, cfg)\n"
       f"weights.save({str(tmp_path / 'c.npz')!r}, a, p)\n"
-      "print('ok', a == cfg)\n")
+      "print('ok', a == vit.get_config(cfg, pos_interpolation='size'), b == cfg)\n")
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120)
   assert res.returncode == 0, res.stderr
-  assert res.stdout.strip() == "ok True"
+  assert res.stdout.strip() == "ok True True"  # HF names -> "size"; official names -> official

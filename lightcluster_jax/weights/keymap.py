@@ -1,6 +1,6 @@
 """Checkpoint key layouts -> the Flax param tree of `lightcluster_jax.vit` (NumPy only).
 
-Three input layouts are understood:
+Four input layouts are understood:
   * official DINO / DINOv2 (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
     `blocks.N.{norm1,attn.qkv,attn.proj,ls1,norm2,mlp.fc1,mlp.fc2,ls2}.*`, `norm.*`,
     DINOv2 `register_tokens`, `mask_token`), including training checkpoints wrapped in
@@ -9,10 +9,20 @@ Three input layouts are understood:
   * Hugging Face `ViTModel` (DINO: `embeddings.*`, `encoder.layer.N.attention.attention.
     {query,key,value}`, `layernorm_before/after`, `intermediate.dense`, `output.dense`);
   * Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` (`norm1/2`, `layer_scale1.lambda1`,
-    `mlp.fc1/fc2`, `embeddings.register_tokens`).
+    `mlp.fc1/fc2`, `embeddings.register_tokens`);
+  * timm's DINOv2 register models (`vit_*_patch14_reg4_dinov2`: official block names, but
+    `reg_token`, a `pos_embed` without the CLS entry and the CLS position folded into
+    `cls_token`; timm's `_convert_dinov2`).
 Everything is first brought to the official names ("canonical"), then mapped to Flax:
 torch Linear weights [out, in] are transposed to Flax kernels [in, out], the patch conv
 [D, 3, p, p] becomes [p, p, 3, D], LayerNorm weight -> scale.
+
+The layout also says which code the checkpoint was made for, hence how that code resamples
+position embeddings (`LAYOUT_POS_INTERPOLATION`: official -> "official", Hugging Face -> "size",
+timm -> "timm"; see `vit.POS_INTERPOLATIONS`). timm's DINO and DINOv2-without-registers files
+use exactly the official names and cannot be told apart from official ones: they are read as
+"official" unless the caller names the rule (`to_flax(..., pos_interpolation="timm")`,
+`lightcluster convert --pos-interpolation timm`).
 """
 
 from __future__ import annotations
@@ -35,6 +45,11 @@ _IGNORED = (
 )
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "vit.", "dinov2.", "model.", "encoder_q.")
+
+
+# The position-embedding rule of the code each layout comes from (vit.POS_INTERPOLATIONS).
+LAYOUT_POS_INTERPOLATION = {"official": "official", "hf_dino": "size", "hf_dinov2": "size",
+                            "timm": "timm"}
 
 
 class CheckpointError(ValueError):
@@ -91,10 +106,23 @@ def unwrap(obj, *, checkpoint_key: str | None = None, source: str = "checkpoint"
   return arrays
 
 
+def _pos_without_cls(sd: Mapping[str, np.ndarray]) -> bool:
+  """A `pos_embed` of g*g entries (no CLS slot: timm's `no_embed_class`); 1 + g*g never is a
+  square for g >= 1, so an official one is never mistaken for it."""
+  pe = sd.get("pos_embed")
+  if pe is None or np.ndim(pe) != 3:
+    return False
+  n = int(np.shape(pe)[1])
+  g = int(round(n ** 0.5))
+  return n > 0 and g * g == n
+
+
 def layout(sd: Mapping[str, np.ndarray]) -> str:
-  """"official", "hf_dino" or "hf_dinov2" (raises CheckpointError otherwise)."""
+  """"official", "timm", "hf_dino" or "hf_dinov2" (raises CheckpointError otherwise)."""
   keys = set(sd)
   if "cls_token" in keys or any(k.startswith("blocks.") for k in keys):
+    if "reg_token" in keys or _pos_without_cls(sd):
+      return "timm"
     return "official"
   if any(k.startswith("encoder.layer.") for k in keys):
     if any(".layer_scale1." in k or ".norm1." in k for k in keys):
@@ -135,15 +163,22 @@ def canonicalise(sd: Mapping[str, np.ndarray], *, source: str = "checkpoint"):
   """
   kind = layout(sd)
   out, ignored, unknown = {}, [], []
-  if kind == "official":
+  if kind in ("official", "timm"):
     for k, v in sd.items():
       m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(.*)", k)  # DINOv2 block_chunks > 0
       if m:
         k = f"blocks.{m.group(2)}.{m.group(3)}"
+      if k == "reg_token":
+        k = "register_tokens"
       if any(p.match(k) for p in _IGNORED):
         ignored.append(k)
       else:
         out[k] = v
+    if kind == "timm" and _pos_without_cls(out):
+      # timm folded the CLS position into cls_token (cls + pos[0]) and dropped it from
+      # pos_embed: a zero CLS position gives the same CLS input, cls_token + 0.
+      pe = np.asarray(out["pos_embed"])
+      out["pos_embed"] = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
     return out, ignored, unknown
   rules = [(re.compile(a), b) for a, b in _HF_COMMON + (_HF_DINO if kind == "hf_dino"
                                                           else _HF_DINOV2)]
@@ -324,8 +359,14 @@ def flax_to_official(params: Mapping, cfg: vit.ViTConfig) -> dict[str, np.ndarra
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
+def pos_interpolation_of(kind: str) -> str:
+  """The position-embedding rule of the code a layout comes from (see the module docstring)."""
+  return LAYOUT_POS_INTERPOLATION.get(kind, "official")
+
+
 def to_flax(raw: Mapping, arch: str | vit.ViTConfig | None = None, *,
-            checkpoint_key: str | None = None, source: str = "checkpoint"):
+            checkpoint_key: str | None = None, source: str = "checkpoint",
+            pos_interpolation: str | None = None):
   """Any supported loaded checkpoint -> (config, Flax params, report dict).
 
   Args:
@@ -333,6 +374,12 @@ def to_flax(raw: Mapping, arch: str | vit.ViTConfig | None = None, *,
     arch: expected variant (name or ViTConfig); inferred from the shapes when None.
     checkpoint_key: nested entry to use in training checkpoints (default teacher).
     source: file name for error messages.
+    pos_interpolation: the position-embedding rule put in the returned config; None: the
+      rule of the layout's code (`pos_interpolation_of`).
+
+  Returns:
+    (ViTConfig with `pos_interpolation` set, params, {"layout", "pos_interpolation",
+    "ignored_keys", "num_tensors"}).
   """
   sd = unwrap(raw, checkpoint_key=checkpoint_key, source=source)
   kind = layout(sd)
@@ -341,5 +388,8 @@ def to_flax(raw: Mapping, arch: str | vit.ViTConfig | None = None, *,
       infer_arch(canon, source=source))
   check_shapes(canon, cfg, unknown=unknown, source=source)
   params = official_to_flax(canon, cfg)
-  report = {"layout": kind, "ignored_keys": sorted(ignored), "num_tensors": len(canon)}
+  rule = pos_interpolation or pos_interpolation_of(kind)
+  cfg = vit.get_config(cfg, pos_interpolation=rule)
+  report = {"layout": kind, "pos_interpolation": rule, "ignored_keys": sorted(ignored),
+            "num_tensors": len(canon)}
   return cfg, params, report

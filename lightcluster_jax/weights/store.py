@@ -2,9 +2,17 @@
 
 File format (`save` / `load`): one `.npz` (no pickles) holding every leaf of the Flax param
 tree under `params/<path>` (e.g. `params/blocks_3/attn/qkv/kernel`) and `__meta__`, a JSON
-string with the format version, the variant name, its full `ViTConfig`, where the weights
-came from, and a manifest `{key: {"shape", "dtype", "sha256"}}`. `load` re-hashes every
-array, so a corrupted or hand-edited file is refused with the name of the bad key.
+string with the format version, the variant name, its full `ViTConfig` (including
+`pos_interpolation`, the position-embedding rule of the code the checkpoint came from), where
+the weights came from, and a manifest `{key: {"shape", "dtype", "sha256"}}`. `load` re-hashes
+every array, so a corrupted or hand-edited file is refused with the name of the bad key.
+
+Format versions: "lightcluster_jax.vit/2" records `pos_interpolation`; "/1" files (written
+before the rule existed) are still read, their rule taken from the recorded source layout:
+"size" for Hugging Face sources (what `ViTModel` / `Dinov2Model` do), otherwise "official"
+(what the official code of an official-layout checkpoint does; "/1" never read timm files).
+Such a file therefore gives official-rule features where the version that wrote it used the
+explicit size; pass `pos_interpolation="size"` to get those back.
 
 `load_any` also reads checkpoints that were never converted (official `.pth`, Hugging Face
 `.safetensors`, `.npz` in official key names) and converts them in memory.
@@ -40,7 +48,8 @@ import numpy as np
 
 from lightcluster_jax.blocks import vit
 
-FORMAT = "lightcluster_jax.vit/1"
+FORMAT = "lightcluster_jax.vit/2"
+_READABLE_FORMATS = ("lightcluster_jax.vit/1", FORMAT)
 _META = "__meta__"
 _PREFIX = "params/"
 
@@ -153,12 +162,29 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
   return tree
 
 
-def load(path, *, verify_hashes: bool = True):
+def _config_from_meta(meta: Mapping[str, Any]) -> vit.ViTConfig:
+  """The stored ViTConfig; "/1" files get the rule of their recorded source layout."""
+  fields = dict(meta["config"])
+  if "pos_interpolation" not in fields:
+    layout = (meta.get("source") or {}).get("layout")
+    fields["pos_interpolation"] = "size" if layout in ("hf_dino", "hf_dinov2") else "official"
+  return vit.ViTConfig(**fields)
+
+
+def load(path, *, verify_hashes: bool = True, pos_interpolation: str | None = None):
   """Reads a converted `.npz` (see `save`).
 
+  Args:
+    path: the file.
+    verify_hashes: re-hash every array against the manifest.
+    pos_interpolation: replaces the recorded position-embedding rule ("official", "size",
+      "timm"); None keeps the file's.
+
   Returns:
-    (arch, params): the variant name (or the stored `ViTConfig` for a non-standard variant,
-    e.g. a depth-2 test model) and the nested param tree of NumPy float32 arrays.
+    (arch, params): the variant name when the stored config is a standard one (`vit.ARCHS`,
+    rule "official"), else the stored `ViTConfig` (a depth-2 test model, or a checkpoint
+    converted from Hugging Face / timm, whose rule is "size" / "timm"), and the nested param
+    tree of NumPy float32 arrays.
 
   Raises:
     WeightsError naming the file: missing / truncated file, no metadata (use `load_any` for
@@ -173,9 +199,15 @@ def load(path, *, verify_hashes: bool = True):
     meta = json.loads(str(arrays.pop(_META)))
   except json.JSONDecodeError as e:
     raise WeightsError(f"{path}: unreadable {_META}: {e}") from e
-  if meta.get("format") != FORMAT:
-    raise WeightsError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  cfg = vit.ViTConfig(**meta["config"])
+  if meta.get("format") not in _READABLE_FORMATS:
+    raise WeightsError(f"{path}: format {meta.get('format')!r}, expected one of "
+                       f"{', '.join(_READABLE_FORMATS)}")
+  try:
+    cfg = _config_from_meta(meta)
+    if pos_interpolation is not None:
+      cfg = dataclasses.replace(cfg, pos_interpolation=pos_interpolation)
+  except (KeyError, TypeError, ValueError) as e:
+    raise WeightsError(f"{path}: unreadable config in {_META}: {e}") from e
   manifest = meta["manifest"]
   missing = sorted(set(manifest) - set(arrays))
   extra = sorted(set(arrays) - set(manifest))
@@ -243,18 +275,24 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> Mapping[str, Any]:
 
 
 def load_any(path, arch: str | vit.ViTConfig | None = None, *,
-             checkpoint_key: str | None = None, trust_pickle: bool = False):
-  """Reads a converted `.npz` or converts an official / Hugging Face checkpoint on the fly.
+             checkpoint_key: str | None = None, trust_pickle: bool = False,
+             pos_interpolation: str | None = None):
+  """Reads a converted `.npz` or converts an official / Hugging Face / timm checkpoint on the fly.
 
   Args:
-    path: `.npz` (converted, or official key names), `.safetensors` (official or HF names),
-      `.pth` (official DINO / DINOv2, including teacher/student training checkpoints).
-    arch: expected variant; inferred from the tensor shapes when None. A mismatch raises.
+    path: `.npz` (converted, or official / timm key names), `.safetensors` (official, HF or
+      timm names), `.pth` (official DINO / DINOv2, including teacher/student training
+      checkpoints).
+    arch: expected architecture; inferred from the tensor shapes when None. A mismatch raises
+      (the position-embedding rule is not part of the check: it comes from the file).
     checkpoint_key: nested entry of a training checkpoint (default: teacher).
     trust_pickle: allow full unpickling of `.pth` files (see `read_checkpoint`).
+    pos_interpolation: position-embedding rule to use instead of the file's (converted
+      files: the recorded one; others: the rule of their layout's code, see `keymap`).
 
   Returns:
-    (arch, params) as `load`.
+    (arch, params) as `load`; the rule travels in the config (`vit.get_config(arch)
+    .pos_interpolation`).
   """
   from lightcluster_jax.weights import keymap  # NumPy-only key mapping
 
@@ -262,10 +300,11 @@ def load_any(path, arch: str | vit.ViTConfig | None = None, *,
   if path.suffix.lower() == ".npz":
     arrays = _read_npz(path)
     if _META in arrays:
-      got_arch, params = load(path)
+      got_arch, params = load(path, pos_interpolation=pos_interpolation)
       if arch is not None:
-        want = vit.get_config(arch)
         got = vit.get_config(got_arch)
+        want = dataclasses.replace(vit.get_config(arch),
+                                   pos_interpolation=got.pos_interpolation)
         if want != got:
           raise WeightsError(f"{path}: converted for {got.name!r} ({got}), not {want.name!r}")
       return got_arch, params
@@ -273,7 +312,8 @@ def load_any(path, arch: str | vit.ViTConfig | None = None, *,
   else:
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
   try:
-    cfg, params, _ = keymap.to_flax(raw, arch, checkpoint_key=checkpoint_key, source=str(path))
+    cfg, params, _ = keymap.to_flax(raw, arch, checkpoint_key=checkpoint_key, source=str(path),
+                                    pos_interpolation=pos_interpolation)
   except keymap.CheckpointError as e:
     raise WeightsError(str(e)) from e
   standard = vit.ARCHS.get(cfg.name)
