@@ -7,6 +7,9 @@ import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The CLI turns JAX's persistent compilation cache on (in ~/.cache): tests that call it
+# in-process must not change this process's JAX configuration or write to the home folder.
+os.environ.setdefault("LIGHTCLUSTER_COMPILATION_CACHE", "off")
 
 
 def assets_dir() -> pathlib.Path:

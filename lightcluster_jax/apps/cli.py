@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     parser.print_help()
     return 0 if argv else 2
   args = parser.parse_args(argv[:1])
+  if args.command in ("segment", "demo"):
+    from lightcluster_jax.apps import compile_cache
+    compile_cache.enable()   # before anything compiles; $LIGHTCLUSTER_COMPILATION_CACHE=off
   try:
     return int(SUBCOMMANDS[args.command][1](argv[1:]) or 0)
   except (CLIError, WeightsError) as e:
