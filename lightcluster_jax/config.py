@@ -20,7 +20,7 @@ import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """METHOD.md "Our pipeline and defaults"; every field documented inline."""
+  """The defaults of docs/method.md ("Ours" in §1-10); every field documented inline."""
   c = ml_collections.ConfigDict()
   c.arch = "dino_vits8"          # ViT variant (lightcluster_jax.vit.ARCHS)
   c.seed = 0                     # one seed drives every k-means (folded per image / stage)

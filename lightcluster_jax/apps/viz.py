@@ -11,11 +11,23 @@ arrays are brought to pixels with `upsample_nearest`, PyTorch's `nearest` rule
 `src = floor(dst * in / out)`, the same rule as `resize(..., method="nearest")` used by the
 evaluation. Pictures of patch-level data are never smoothed: one patch = one flat block.
 
-Example:
-  >>> feats = features.extract_features(params, [img], arch=arch, image_size=448)[0]
+Example (WEIGHTS: a weights file, in the doctests a tiny random ViT; OUT_DIR: a folder; the
+mask and the labels are hand-made here, a run gives them as in `stage_panel`):
+  >>> from lightcluster_jax import weights
+  >>> from lightcluster_jax.data import synthetic_scene
+  >>> from lightcluster_jax.stages import features
+  >>> arch, params = weights.load_any(WEIGHTS)
+  >>> img = synthetic_scene(40, 60)                                   # [H, W, 3] uint8
+  >>> feats = features.extract_features(params, [img], arch=arch, image_size=32)[0]
   >>> rgb = pca_rgb(feats["keys"], grid_hw=feats["grid_hw"])          # [h, w, 3] uint8
-  >>> pic = stage_panel(img, {"PCA of Keys": rgb, "mask": consistent, "labels": labels})
-  >>> save_image("panel.png", pic)
+  >>> rgb.shape
+  (4, 6, 3)
+  >>> mask = np.zeros(feats["grid_hw"], bool)                         # a patch-level mask
+  >>> mask[1:3, 2:4] = True
+  >>> labels = np.zeros(img.shape[:2], np.uint8)                      # a pixel label map
+  >>> labels[10:30, 15:45] = 8                                        # class 8 ("cat")
+  >>> pic = stage_panel(img, {"PCA of Keys": rgb, "mask": mask, "labels": labels})
+  >>> save_image(OUT_DIR / "panel.png", pic)
 """
 
 from __future__ import annotations
@@ -562,10 +574,18 @@ def stage_panel(image: np.ndarray, stages: Mapping[str, np.ndarray | None], *,
   Returns:
     [rows * (tile + title bar + pad) + pad, ..., 3] uint8 mosaic.
 
-  Example:
-    >>> m = result["stages"]["masks"].load(i)
-    >>> stage_panel(img, {"image level": m["image"], "consistent": m["consistent"],
-    ...                   "labels": result["labels"][i]})
+  Example (hand-made stages of a 40 x 60 image with a 4 x 6 patch grid; after a run,
+  `res = runner.segment(...)`, they are `m = res.artefacts("masks", image_id)`, `m["image"]`,
+  `m["consistent"]` (patch masks), `m["prob"]` (float) and `res.labels[image_id]`):
+    >>> from lightcluster_jax.data import synthetic_scene
+    >>> img = synthetic_scene(40, 60)
+    >>> consistent = np.zeros((4, 6), bool)
+    >>> consistent[1:3, 2:4] = True
+    >>> labels = np.zeros((40, 60), np.uint8)
+    >>> labels[10:30, 15:45] = 8
+    >>> pic = stage_panel(img, {"consistent": consistent, "labels": labels}, tile_height=60)
+    >>> pic.shape, pic.dtype       # image + 2 tiles of 60 x 90 pixels, with title bars
+    ((90, 286, 3), dtype('uint8'))
   """
   image = _check_image(image, "stage_panel")
   hh, ww = image.shape[:2]

@@ -1,6 +1,6 @@
 """Evaluation: confusion matrix, Hungarian matching, mIoU, foreground IoU, seed statistics.
 
-The protocol of unsupervised semantic segmentation (METHOD.md step 10):
+The protocol of unsupervised semantic segmentation (docs/method.md §10):
 
 1. Accumulate one confusion matrix `C[g, k]` (GT class g, predicted cluster k) over every
    valid pixel of the whole split; GT pixels equal to `ignore_index` (255, VOC's "void"
@@ -17,13 +17,23 @@ Unmatched clusters (more clusters than classes) are scored as "no class": their 
 wrong (they count as false negatives of their GT class and lower pixel accuracy) but they are
 false positives of no class, so they lower no class's IoU through its prediction count.
 
-Accumulating over a split (host-side int64 sums, so counts never overflow):
+Accumulating over a split (host-side int64 sums, so counts never overflow), here two batches
+of one 4 x 6 image each: GT background and a "person" (class 15), predicted cluster ids 2 and 7:
 
+  >>> gt = np.zeros((2, 4, 6), np.int64)
+  >>> gt[:, 1:3, 1:4] = 15                 # a 2 x 3 "person" in each image
+  >>> gt[1, 0, :] = 255                    # void / padded pixels: ignored
+  >>> pred = np.where(gt == 15, 7, 2)      # clusters 7 and 2: no class names needed
+  >>> pred[0, 1, 1] = 2                    # one person pixel missed
+  >>> batches = [(pred[:1], gt[:1]), (pred[1:], gt[1:])]
   >>> acc = ConfusionAccumulator(num_pred=21, num_gt=21)
-  >>> for pred, gt in batches:        # [B, H, W] int arrays, padded pixels gt=255
-  ...   acc.update(pred, gt)
+  >>> for pred_b, gt_b in batches:         # [B, H, W] int arrays, padded pixels gt=255
+  ...   _ = acc.update(pred_b, gt_b)
   >>> scores = segmentation_scores(acc.total, class_names=VOC_CLASSES)
-  >>> scores["miou"], scores["per_class_iou"]["person"]
+  >>> scores["mapping"][[2, 7]]            # Hungarian matching: 2 -> background, 7 -> person
+  array([ 0, 15])
+  >>> round(scores["miou"], 3), round(scores["per_class_iou"]["person"], 3)  # 11/12 for person
+  (0.942, 0.917)
 
 or equivalently `total = sum(np.asarray(confusion_matrix(p, g, num_pred=K, num_gt=G),
 np.int64) for p, g in batches)`.
@@ -293,7 +303,8 @@ def segmentation_scores(
       mIoU). A class absent from the GT that still receives a matched cluster scores 0.
     * `classes="present"`: only classes with GT pixels. Matching is restricted to those
       classes as well (a cluster matched to an absent class becomes unmatched); this is
-      the protocol of METHOD.md's small dev-set table ("K = 7 classes present").
+      `--classes present` of docs/method.md §10 (subsets such as the 9 dev images, which
+      miss most classes).
   Pixel accuracy counts all valid pixels in both cases.
 
   Args:
@@ -420,7 +431,8 @@ def foreground_iou_scores(intersections, unions) -> dict:
   """Pooled and per-image-mean foreground IoU from per-image counts.
 
   pooled = sum_i I_i / sum_i U_i (big images weigh more);
-  mean = mean_i (I_i / U_i) over images with U_i > 0 (METHOD.md's "fg IoU" table uses this).
+  mean = mean_i (I_i / U_i) over images with U_i > 0 (`fg_iou_mean` of docs/method.md §10,
+  the figure the project's tables quote).
 
   Args:
     intersections: [N] counts (lists of per-batch arrays are concatenated).

@@ -8,10 +8,14 @@ This module builds the 1-D interpolation matrix of PyTorch's `align_corners=Fals
 may be traced values, so one compiled function serves a padded batch of images whose valid
 sizes differ.
 
-Example:
+Example (jitted, as the pipeline runs it; the output size and the method are static):
   >>> x = jnp.arange(12.).reshape(1, 3, 4, 1)
-  >>> resize(x, (6, 8), method="bilinear").shape
+  >>> resize_fn = jax.jit(resize, static_argnames=("out_hw", "method"))
+  >>> y = resize_fn(x, (6, 8), method="bilinear")
+  >>> y.shape
   (1, 6, 8, 1)
+  >>> np.asarray(y[0, 0, :, 0])   # row [0, 1, 2, 3] doubled, PyTorch align_corners=False
+  array([0.  , 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.  ], dtype=float32)
 """
 
 from __future__ import annotations
@@ -155,9 +159,17 @@ def upsample_probs(x: jax.Array, out_hw: tuple[int, int], *, in_valid_hw=None,
   Returns:
     [B, H, W, C] float32 (x's dtype), zero outside each valid output region.
 
-  Example:
-    >>> p = upsample_probs(probs, (512, 512), in_valid_hw=jnp.array([[32, 24], [24, 32]]),
-    ...                    out_valid_hw=jnp.array([[448, 336], [336, 448]]))
+  Example (two patch grids padded to 4 x 4: a 4 x 3 one and a 3 x 4 one, brought to 32 x 24
+  and 24 x 32 pixels on a 32 x 32 canvas):
+    >>> probs = jnp.full((2, 4, 4, 1), 0.75)
+    >>> up = jax.jit(upsample_probs, static_argnames="out_hw")   # valid sizes may vary
+    >>> p = up(probs, (32, 32), in_valid_hw=jnp.array([[4, 3], [3, 4]]),
+    ...        out_valid_hw=jnp.array([[32, 24], [24, 32]]))
+    >>> p.shape
+    (2, 32, 32, 1)
+    >>> p = np.asarray(p)
+    >>> float(p[0, :, :24].min()), float(p[0, :, 24:].max()), float(p[1, 24:].max())
+    (0.75, 0.0, 0.0)
   """
   b, h, w = x.shape[:3]
   in_valid_hw = _per_image_hw(in_valid_hw, b, (h, w), "in_valid_hw")

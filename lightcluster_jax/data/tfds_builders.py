@@ -20,12 +20,18 @@ Requires `pip install tensorflow-datasets array_record importlib_resources` (the
 `lightcluster_jax[tfds]` extra). Examples are stored decoded, so the VOC val split takes
 roughly 0.6 GB on disk (vs ~0.1 GB of JPEGs); COCO val2017 several GB.
 
-Example:
+Example (VOC_ROOT: a folder holding VOCdevkit/VOC2012, e.g. "~/data"; the doctests use a
+tiny fake one with 2 val images. OUT_DIR / "tfds" stands for e.g. "~/tensorflow_datasets"):
   >>> from lightcluster_jax.data import tfds_builders
-  >>> builder = tfds_builders.prepare("voc2012_segmentation", manual_dir="~/data/VOCdevkit",
-  ...                                 data_dir="~/tensorflow_datasets")
-  >>> val = tfds.data_source("voc2012_segmentation", data_dir="~/tensorflow_datasets")["val"]
-  >>> ex = val[0]; ex["image"].shape, ex["label"].dtype      # (H, W, 3), uint8
+  >>> builder = tfds_builders.prepare("voc2012_segmentation", manual_dir=VOC_ROOT,
+  ...                                 data_dir=OUT_DIR / "tfds")  # doctest: +ELLIPSIS
+  Downloading and preparing dataset ... to .../voc2012_segmentation/1.0.0...
+  Dataset voc2012_segmentation downloaded and prepared to ... Subsequent calls will reuse this data.
+  >>> val = tfds.data_source("voc2012_segmentation", data_dir=OUT_DIR / "tfds")["val"]
+  >>> sorted(val[i]["id"] for i in range(len(val)))
+  [b'2007_000033', b'2007_000042']
+  >>> ex = val[0]; ex["image"].ndim, ex["image"].dtype, ex["label"].dtype  # [H, W, 3], [H, W]
+  (3, dtype('uint8'), dtype('uint8'))
 """
 
 from __future__ import annotations

@@ -10,10 +10,16 @@ Layout read (the official tarball's, any of the three roots may be given):
 Labels are read as palette *indices* (`np.asarray` of the "P" image), never converted to
 RGB; a label PNG saved as RGB colours is mapped back through `VOC_PALETTE`.
 
-Example:
-  >>> ds = VOCSegmentation("~/data/VOCdevkit", split="val")
+Example (VOC_ROOT: a folder holding VOCdevkit/VOC2012, e.g. "~/data"; the doctests use a
+tiny fake one whose val split has 2 images of 24 x 32 and 32 x 24 pixels):
+  >>> ds = VOCSegmentation(VOC_ROOT, split="val")
+  >>> len(ds), ds.ids[0]
+  (2, '2007_000033')
   >>> ex = ds[0]                    # or ds["2007_000033"]
-  >>> ex["image"].shape, ex["label"].shape   # (366, 500, 3) uint8, (366, 500) uint8
+  >>> ex["image"].shape, ex["image"].dtype, ex["label"].shape, ex["label"].dtype
+  ((24, 32, 3), dtype('uint8'), (24, 32), dtype('uint8'))
+  >>> [VOC_CLASSES[c] if c != 255 else "void" for c in np.unique(ex["label"])]
+  ['background', 'person', 'void']
 """
 
 from __future__ import annotations

@@ -17,18 +17,23 @@ the dataset statistics are psum-ed over them and summed across hosts; in a multi
 each process segments and writes its own block of the images (`runner.plan`). With
 `out_dir=None` everything stays in memory (notebooks).
 
-Example (in memory):
-  >>> import numpy as np, jax
+Example: `res = segment(config, items_from_paths(paths), params=params, arch=arch,
+out_dir=OUT)` runs every stage; `res.labels[image_id]` is the [H, W] uint8 label map of an
+image, `res.artefacts("masks", image_id)` what a stage stored for it (tests/test_pipeline.py
+runs it on a random 2-block ViT; compiling every stage takes a minute or more on a CPU, too
+long for an example here). What a changed setting recomputes follows from the cache keys:
   >>> from lightcluster_jax import config as config_lib
-  >>> from lightcluster_jax.blocks import vit
-  >>> cfg = vit.ViTConfig("tiny", patch_size=8, width=32, depth=1, num_heads=2)
-  >>> params = vit.init_params(cfg, jax.random.key(0))
-  >>> c = config_lib.default_config()
-  >>> c.features.image_size, c.assign.crop_size, c.assign.min_region_pixels = 32, 16, 4
   >>> imgs = [np.random.default_rng(i).integers(0, 255, (40, 48, 3), np.uint8) for i in range(3)]
-  >>> res = segment(c, items_from_arrays(imgs), params=params, arch=cfg, progress=False)
-  >>> sorted(res.labels), res.labels["00000"].shape
-  (['00000', '00001', '00002'], (40, 48))
+  >>> items = items_from_arrays(imgs)       # in-memory images; files: items_from_paths(paths)
+  >>> ids = [it.id for it in items]
+  >>> ids
+  ['00000', '00001', '00002']
+  >>> c = config_lib.default_config()
+  >>> before = stage_keys(c, "sha256-of-weights", ids, [it.fingerprint for it in items])
+  >>> c.crf.preset = "krahenbuhl"
+  >>> after = stage_keys(c, "sha256-of-weights", ids, [it.fingerprint for it in items])
+  >>> [stage for stage in before if before[stage] != after[stage]]   # features, masks reused
+  ['refine', 'regions']
 """
 
 from __future__ import annotations

@@ -6,10 +6,16 @@ through the ViT with a patch-validity mask; a padded image gives the same featur
 image alone (the ViT masks padded tokens out of attention and resamples the position
 embedding to each image's own grid), so bucketing changes speed, never results.
 
-Example:
-  >>> arch, params = weights.load_any("dinov2_vits14.npz")
-  >>> feats = extract_features(params, [img_uint8], arch=arch, image_size=448)
-  >>> feats[0]["keys"].shape   # [h * w, D] L2-normalised last-block Keys
+Example (WEIGHTS: a weights file such as dinov2_vits14.npz; the doctests use a tiny random
+ViT with 8-pixel patches and D = 32):
+  >>> from lightcluster_jax import weights
+  >>> arch, params = weights.load_any(WEIGHTS)
+  >>> img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+  >>> feats = extract_features(params, [img], arch=arch, image_size=32)  # 448 in real runs
+  >>> feats[0]["grid_hw"], feats[0]["orig_hw"]   # 32 x 48 pixels -> a 4 x 6 patch grid
+  ((4, 6), (40, 60))
+  >>> feats[0]["keys"].shape, feats[0]["cls"].shape   # [h * w, D] L2-normalised Keys, [D]
+  ((24, 32), (32,))
 """
 
 from __future__ import annotations

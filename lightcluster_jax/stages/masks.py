@@ -1,4 +1,4 @@
-"""Foreground patch masks from clustering at three levels, made consistent (METHOD.md 2-7).
+"""Foreground patch masks: clustering at three levels, made consistent (docs/method.md §2-7).
 
 Grids: a batch of patch grids is padded to a common `[B, h, w]`; `valid [B, h, w]` bool marks
 the real patches (for a padded image, its valid top-left rectangle). Features come as
@@ -14,18 +14,33 @@ Pipeline of `multilevel_foreground` (each step is also a public function):
 3. Dataset level: k-means of all Keys (optionally fitted on a random subset of patches).
 4. `foreground_clusters`: a category/dataset cluster is foreground if most of its patches lie
    inside the image-level foreground (with a documented fallback), then per image a level
-   whose mask barely overlaps the image-level mask is replaced by it (METHOD.md failure mode:
-   a "foreground" cluster with 0.001 of its patches in the image-level foreground).
+   whose mask barely overlaps the image-level mask is replaced by it (docs/method.md "Failure
+   modes", 3: a "foreground" cluster with 0.001 of its patches in the image-level foreground).
 5. `consistency`: `dc_and_i` (default) = Dataset and Category and dilate(Image, 1 patch);
    `d_and_i`, `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left empty
    falls back to its image-level mask.
-6. `soft_foreground`: softmax of negative squared distances to fg / bg centroids (step 7).
+6. `soft_foreground`: softmax of negative squared distances to fg / bg centroids
+   (docs/method.md §7).
 
-Example:
-  >>> out = multilevel_foreground(keys, valid, cls, None, key=jax.random.key(0),
-  ...                             num_categories=2)
-  >>> out["consistent"].shape == valid.shape
-  True
+`multilevel_foreground(keys [B, P, D], valid [B, h, w], cls [B, D], key=...)` runs steps 1-5
+in one compiled call and returns the final `[B, h, w]` mask as `out["consistent"]` (see
+tests/test_masks.py; its compilation takes too long for an example here).
+
+Example (step 5 on hand-made level masks of one 4 x 6 patch grid):
+  >>> valid = jnp.ones((1, 4, 6), bool)
+  >>> image_fg = jnp.zeros((1, 4, 6), bool).at[0, 1:3, 1:3].set(True)     # I: 2 x 2 patches
+  >>> dataset_fg = jnp.zeros((1, 4, 6), bool).at[0, 1:3, 1:5].set(True)   # D: 2 x 4
+  >>> category_fg = jnp.zeros((1, 4, 6), bool).at[0, :, 1:5].set(True)    # C: 4 x 4
+  >>> np.asarray(consistency(dataset_fg, category_fg, image_fg, valid)[0], int)  # D & C & dil(I)
+  array([[0, 0, 0, 0, 0, 0],
+         [0, 1, 1, 1, 0, 0],
+         [0, 1, 1, 1, 0, 0],
+         [0, 0, 0, 0, 0, 0]])
+  >>> np.asarray(consistency(dataset_fg, category_fg, image_fg, valid, rule="all")[0], int)
+  array([[0, 0, 0, 0, 0, 0],
+         [0, 1, 1, 0, 0, 0],
+         [0, 1, 1, 0, 0, 0],
+         [0, 0, 0, 0, 0, 0]])
 """
 
 from __future__ import annotations
@@ -98,7 +113,7 @@ def image_level_foreground(keys, valid, cls_attn=None, *, keys_prng, k: int = 2,
     * b_c < b0, i.e. it touches the border less than a uniformly spread cluster would.
 
   For k=2 exactly one cluster is foreground (b0 is the size-weighted mean of b_0 and b_1, so
-  only the lower one is below it): this is METHOD.md step 2. For k>2 every cluster that
+  only the lower one is below it): this is docs/method.md §2. For k>2 every cluster that
   avoids the border is foreground and the cluster with the highest b_c is always background.
 
   Args:
@@ -189,13 +204,13 @@ def foreground_clusters(assignment, image_fg, valid, k: int, *, group_ids=None,
   """Which clusters of a level are foreground, judged by the image-level foreground.
 
   A cluster is foreground if more than `min_share` of its valid patches lie inside the
-  image-level foreground (METHOD.md step 5). The scope is whatever is passed: one image,
+  image-level foreground (docs/method.md §5). The scope is whatever is passed: one image,
   a group, or the dataset. Fallback (per scope, i.e. per group when `group_ids` is given):
   if no cluster passes, the cluster with the highest share is foreground *only if* that
   share is at least `fallback_share`; otherwise the scope has no foreground cluster (its
   level mask is empty, and `multilevel_foreground` then uses the image-level mask for those
-  images). This guards METHOD.md's failure mode where the cluster called "foreground" held
-  only 0.001 of image-level foreground.
+  images). This guards the failure mode (docs/method.md "Failure modes", 3) where the cluster
+  called "foreground" held only 0.001 of image-level foreground.
 
   Args:
     assignment: int cluster ids in [0, k), any shape (e.g. [B, h, w]); -1 = none.
@@ -381,7 +396,7 @@ def trusted_level(level_fg, image_fg, *, min_image_share: float = 0.2) -> jax.Ar
 
 def category_groups(cls, num_categories: int, *, key, image_mask=None, n_init: int = 10,
                     max_iter: int = 100) -> jax.Array:
-  """'Superclasses' without labels: k-means of the L2-normalised CLS tokens (METHOD step 3).
+  """'Superclasses' without labels: k-means of the L2-normalised CLS tokens (docs/method.md §3).
 
   Args:
     cls: [B, D] CLS tokens.
@@ -406,13 +421,13 @@ def category_groups(cls, num_categories: int, *, key, image_mask=None, n_init: i
 
 def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and_i",
                 dilate: int = 1) -> jax.Array:
-  """Combines the three level masks (METHOD.md step 6).
+  """Combines the three level masks (docs/method.md §6).
 
   Rules (D, C, I = dataset, category, image-level masks; dil = 3x3 dilation within `valid`):
 
     * `dc_and_i` (default): (D and C) and dil^n(I), n = `dilate` (1 patch).
-    * `d_and_i`: D and dil^n(I), the category level left out (METHOD.md's best measured
-      baseline).
+    * `d_and_i`: D and dil^n(I), the category level left out (the best simple baseline of
+      docs/method.md "Reference figures").
     * `all`: D and C and I.
     * `majority`: at least 2 of D, C, I.
     * `image_only`: I.
@@ -457,7 +472,7 @@ def consistency(dataset_fg, category_fg, image_fg, valid, *, rule: str = "dc_and
 
 def soft_foreground(keys, fg_centroid, bg_centroid, mask, *, temperature: float = 0.1,
                     normalize: bool = True) -> jax.Array:
-  """Soft foreground probability per patch (METHOD.md step 7).
+  """Soft foreground probability per patch (docs/method.md §7).
 
   .. math:: p = \\frac{e^{-d_f / T}}{e^{-d_f / T} + e^{-d_b / T}}
             = \\sigma\\big((d_b - d_f) / T\\big),\\quad d = \\lVert x - c \\rVert^2
@@ -584,7 +599,7 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
                           flip_share: float = 0.8) -> dict:
   """Binary patch pseudo-masks from consistent Dataset / Category / Image-level clustering.
 
-  The in-memory version of METHOD.md steps 2-6 for a batch that is the whole (small) dataset;
+  The in-memory version of docs/method.md §2-6 for a batch that is the whole (small) dataset;
   the dataset-scale path reuses the same per-level functions with streamed k-means. One
   compiled call; all configuration is static.
 
@@ -615,8 +630,8 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
     connectivity: 4 or 8 for the component cleanup.
     fg_min_share, fallback_share: see `foreground_clusters`.
     min_image_share: per-image trust threshold of the dataset / category masks.
-    flip_image_level: opt-in repair of METHOD.md's first failure mode (a close-up whose object
-      touches most of the border, so the border rule picks the background): if at least
+    flip_image_level: opt-in repair of docs/method.md "Failure modes", 1 (a close-up whose
+      object touches most of the border, so the border rule picks the background): if at least
       `flip_share` of the patches where Dataset and Category agree on foreground lie outside
       an image's image-level mask, that mask is replaced by its complement (within valid).
       Off by default: it also fires when D and C are the ones that are wrong.

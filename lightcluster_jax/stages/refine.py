@@ -33,8 +33,9 @@ def decided_probability(fg: jax.Array, soft: jax.Array) -> jax.Array:
     [..., h, w] float.
 
   Example:
-    >>> decided_probability(jnp.array([True, False]), jnp.array([0.2, 0.9]))
-    Array([0.8, 0.1], dtype=float32)
+    >>> p = decided_probability(jnp.array([True, False]), jnp.array([0.2, 0.9]))
+    >>> np.round(np.asarray(p), 3)   # fg patch: max(s, 1 - s); bg patch: min(s, 1 - s)
+    array([0.8, 0.1], dtype=float32)
   """
   conf = jnp.maximum(soft, 1.0 - soft)
   return jnp.where(fg, conf, 1.0 - conf)
