@@ -68,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.crf.enabled = True
   c.crf.preset = "maskcontrast"  # maskcontrast | krahenbuhl
   c.crf.backend = "default"      # see lightcluster_jax.crf; "default" = the measured best
+  c.crf.unary = "mask"           # CRF start: "mask" = consistent mask at full confidence (the
+  #                                CRF refines boundaries only); "soft" = decided soft probability
   c.crf.bucket_pixels = 64       # padded image sides are multiples of this many pixels
 
   c.assign = ml_collections.ConfigDict()
@@ -77,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.assign.whole_foreground = False  # True: one region = the whole foreground
   c.assign.box_margin = 0.1          # box grown by this fraction of its size per side
   c.assign.crop_size = 224
+  c.assign.crop_batch = 16           # crops of many images packed per ViT call (speed only)
   c.assign.n_init = 10
 
   c.output = ml_collections.ConfigDict()

@@ -202,7 +202,13 @@ def masks_kwargs(cfg: ml_collections.ConfigDict, num_images: int) -> dict:
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
                mesh=None):
-  """Upsampling + CRF of every image's decided probability; stores the refined mask."""
+  """Upsampling + CRF of every image's patch mask; stores the refined mask.
+
+  The CRF starts from `refine.crf_start(consistent, prob, cfg.unary)`; with the CRF off the
+  decided soft probability is upsampled and thresholded at 0.5.
+  """
+  if cfg.unary not in refine_lib.UNARIES:
+    raise ValueError(f"crf.unary={cfg.unary!r}; expected one of {refine_lib.UNARIES}")
   params = crf_lib.get_params(cfg.preset)
   backend = None if cfg.backend == "default" else cfg.backend
   fn = _parallel(refine_lib.refine_batch_fn(params, backend, cfg.enabled), mesh, (0, 1, 2, 3),
@@ -210,7 +216,8 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
   batch = batching.round_up(2, sharding.mesh_size(mesh))
 
   def compute(shape, group):
-    probs = [m["prob"] for _, m, _ in group]
+    probs = [refine_lib.crf_start(m["consistent"], m["prob"], cfg.unary) if cfg.enabled
+             else m["prob"] for _, m, _ in group]
     # A small fixed set of grid capacities, so batches do not recompile per image.
     grid = batching.bucket_shape(np.max([p.shape for p in probs], axis=0), 8)
     imgs = [img for _, _, img in group]
@@ -222,7 +229,7 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
                       "prob": fg[b, :img.shape[0], :img.shape[1]].astype(np.float16)}
             for b, (item_id, _, img) in enumerate(group)}
 
-  _run_pixel_batches(stage, items, lambda it: mask_stage.load_fields(it.id, ("prob",)), compute,
+  _run_pixel_batches(stage, items, lambda it: mask_stage.load_fields(it.id, ("prob", "consistent")), compute,
                      bucket_pixels=cfg.bucket_pixels, batch=batch,
                      desc="refine (CRF)" if cfg.enabled else "upsample", progress=progress)
 
@@ -236,27 +243,65 @@ def _sizes(shapes, batch: int) -> np.ndarray:
 
 def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, params, arch,
                 cfg, bucket_pixels: int, dtype="float32", progress=True, mesh=None) -> None:
-  """Object regions and crop CLS descriptors of every image not yet in `stage`."""
-  fn = regions_lib.make_regions_fn(
-      arch, max_regions=cfg.max_regions, min_region_pixels=cfg.min_region_pixels,
+  """Object regions and crop CLS descriptors of every image not yet in `stage`.
+
+  Regions and crops are computed per pixel bucket (`regions.make_crops_fn`); the valid crops
+  of many images are packed into fixed batches of `cfg.crop_batch` for the ViT
+  (`regions.make_describe_fn`), so the ViT runs once per region, not `max_regions` times per
+  image, and compiles once. An image is saved when all its crops are described.
+  """
+  crops_fn = _parallel(regions_lib.make_crops_fn(
+      max_regions=cfg.max_regions, min_region_pixels=cfg.min_region_pixels,
       whole_foreground=cfg.whole_foreground, box_margin=cfg.box_margin,
-      crop_size=cfg.crop_size, dtype=_dtype(dtype))
-  fn = _parallel(fn, mesh, (1, 2, 3))
+      crop_size=cfg.crop_size), mesh, (0, 1, 2))
+  describe = _parallel(regions_lib.make_describe_fn(arch, dtype=_dtype(dtype)), mesh, (1,))
   batch = batching.round_up(2, sharding.mesh_size(mesh))
+  crop_batch = batching.round_up(cfg.crop_batch, sharding.mesh_size(mesh))
+  dim = vit.get_config(arch).width
+  pending, queue = {}, []   # id -> arrays with descriptors to fill; [(id, slot, crop)]
+
+  def describe_queue(final: bool):
+    while len(queue) >= crop_batch or (final and queue):
+      chunk, queue[:] = queue[:crop_batch], queue[crop_batch:]
+      desc = np.asarray(describe(params, batching.stack_padded(
+          [c for _, _, c in chunk], (cfg.crop_size, cfg.crop_size), crop_batch,
+          dtype=np.float32)))
+      for (item_id, slot, _), d in zip(chunk, desc):
+        entry = pending[item_id]
+        entry["descriptors"][slot] = d
+        entry["missing"] -= 1
+        if entry["missing"] == 0:
+          stage.save(item_id, _regions_arrays(pending.pop(item_id)))
 
   def compute(shape, group):
     imgs = [img for _, _, img in group]
-    labels, desc, valid = jax.device_get(fn(
-        params, batching.stack_padded([f for _, f, _ in group], shape, batch, dtype=bool),
+    labels, crops, valid = jax.device_get(crops_fn(
+        batching.stack_padded([f for _, f, _ in group], shape, batch, dtype=bool),
         batching.stack_padded(imgs, shape, batch, dtype=np.uint8),
         _sizes([img.shape[:2] for img in imgs], batch)))
-    return {item_id: {"regions": labels[b, :img.shape[0], :img.shape[1]].astype(np.uint8),
-                      "descriptors": desc[b], "valid": valid[b]}
-            for b, (item_id, _, img) in enumerate(group)}
+    done = {}
+    for b, (item_id, _, img) in enumerate(group):
+      entry = {"regions": labels[b, :img.shape[0], :img.shape[1]].astype(np.uint8),
+               "valid": valid[b], "missing": int(valid[b].sum()),
+               "descriptors": np.zeros((len(valid[b]), dim), np.float32)}
+      if entry["missing"] == 0:
+        done[item_id] = _regions_arrays(entry)
+        continue
+      pending[item_id] = entry
+      queue.extend((item_id, r, crops[b, r]) for r in np.flatnonzero(valid[b]))
+    describe_queue(final=False)
+    return done
 
   _run_pixel_batches(stage, items, lambda it: refine_stage.load_fields(it.id, ("fg",))["fg"],
                      compute, bucket_pixels=bucket_pixels, batch=batch, desc="regions",
                      progress=progress)
+  describe_queue(final=True)
+  assert not pending, sorted(pending)
+
+
+def _regions_arrays(entry: dict) -> dict:
+  """What the regions stage stores for one image."""
+  return {k: entry[k] for k in ("regions", "descriptors", "valid")}
 
 
 def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
@@ -307,7 +352,7 @@ def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence
                       sorted(ids), fingerprints)
   refine = config_hash("refine", masks, config.crf)
   regions = config_hash("regions", refine, {k: v for k, v in config.assign.items()
-                                            if k not in ("num_classes", "n_init")})
+                                            if k not in ("num_classes", "n_init", "crop_batch")})
   return {"features": feat, "masks": masks, "refine": refine, "regions": regions}
 
 

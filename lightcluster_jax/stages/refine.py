@@ -12,11 +12,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightcluster_jax.blocks import crf as crf_lib
 from lightcluster_jax.blocks.resize import resize
 
-__all__ = ["decided_probability", "refine_batch_fn", "make_refine_fn"]
+__all__ = ["UNARIES", "decided_probability", "crf_start", "refine_batch_fn", "make_refine_fn"]
+
+UNARIES = ("mask", "soft")
 
 
 def decided_probability(fg: jax.Array, soft: jax.Array) -> jax.Array:
@@ -39,6 +42,37 @@ def decided_probability(fg: jax.Array, soft: jax.Array) -> jax.Array:
   """
   conf = jnp.maximum(soft, 1.0 - soft)
   return jnp.where(fg, conf, 1.0 - conf)
+
+
+def crf_start(consistent, prob, unary: str = "mask"):
+  """The patch probability the CRF starts from (docs/method.md §8).
+
+  * "mask" (default): the consistent mask's side at full confidence (1 / 0; the CRF clips it
+    to 1e-5, a unary of 11.5 nats). After bilinear upsampling only the one-patch band at the
+    mask boundary is uncertain, so the CRF moves boundaries to image edges but cannot overturn
+    a patch that the three clustering levels agreed on because of colour alone.
+  * "soft": the decided soft probability (`decided_probability`): low-confidence patches
+    (p ~ 0.6-0.9) can be flipped by the CRF's colour term.
+
+  Args:
+    consistent: [..., h, w] bool consistent mask.
+    prob: [..., h, w] float decided probability.
+    unary: one of UNARIES.
+
+  Returns:
+    [..., h, w] float32.
+
+  Example:
+    >>> crf_start(np.array([True, False]), np.array([0.7, 0.4]))
+    array([1., 0.], dtype=float32)
+    >>> crf_start(np.array([True, False]), np.array([0.7, 0.4]), "soft")
+    array([0.7, 0.4], dtype=float32)
+  """
+  if unary == "mask":
+    return np.asarray(consistent, np.float32)
+  if unary == "soft":
+    return np.asarray(prob, np.float32)
+  raise ValueError(f"unknown CRF unary {unary!r}; expected one of {UNARIES}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -136,14 +136,14 @@ def crop_regions(image: jax.Array, regions: Regions, *, crop_size: int, box_marg
 
 
 @functools.lru_cache(maxsize=16)
-def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, box_margin,
-                    crop_size, dtype=jnp.float32):
-  """Jitted `(params, fg [B,H,W], image [B,H,W,3] uint8, orig_hw [B,2])` ->
-  (region labels [B,H,W], descriptors [B,R,D] L2-normalised crop CLS, valid [B,R]).
+def make_crops_fn(*, max_regions, min_region_pixels, whole_foreground, box_margin, crop_size):
+  """Jitted `(fg [B,H,W], image [B,H,W,3] uint8, orig_hw [B,2])` -> (region labels [B,H,W],
+  crops [B,R,crop,crop,3] ImageNet-normalised, valid [B,R]).
 
-  Images are padded bottom/right to [H, W]; `orig_hw` is each image's valid size.
+  Images are padded bottom/right to [H, W]; `orig_hw` is each image's valid size. Only the
+  valid crops need the ViT (`make_describe_fn`): the runner packs them from many images
+  into fixed-size batches instead of running `max_regions` slots per image.
   """
-  apply_fn = vit.make_apply_fn(arch, outputs=("cls",), dtype=dtype)
   mean = jnp.asarray(vit.IMAGENET_MEAN)
   std = jnp.asarray(vit.IMAGENET_STD)
 
@@ -153,13 +153,17 @@ def make_regions_fn(arch, *, max_regions, min_region_pixels, whole_foreground, b
     pixels = (image.astype(jnp.float32) / 255.0 - mean) / std
     crops = crop_regions(pixels, regions, crop_size=crop_size, box_margin=box_margin,
                          valid_hw=orig_hw)
-    return regions, crops
+    return regions.labels, crops, regions.valid
+
+  return jax.jit(jax.vmap(one))
+
+
+@functools.lru_cache(maxsize=16)
+def make_describe_fn(arch, *, dtype=jnp.float32):
+  """Jitted `(params, crops [C,crop,crop,3])` -> [C, D] L2-normalised ViT CLS descriptors."""
+  apply_fn = vit.make_apply_fn(arch, outputs=("cls",), dtype=dtype)
 
   @jax.jit
-  def fn(params, fg, image, orig_hw):
-    regions, crops = jax.vmap(one)(fg, image, orig_hw)
-    b, r = crops.shape[:2]
-    cls = apply_fn(params, crops.reshape(b * r, crop_size, crop_size, 3))["cls"]
-    cls = kmeans_lib.l2_normalize(cls.astype(jnp.float32).reshape(b, r, -1))
-    return regions.labels, cls, regions.valid
+  def fn(params, crops):
+    return kmeans_lib.l2_normalize(apply_fn(params, crops)["cls"].astype(jnp.float32))
   return fn
