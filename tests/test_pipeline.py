@@ -105,8 +105,8 @@ def test_resume_after_interrupt_loses_nothing(images, params, tmp_path):
                              weights_id="test", progress=False)
   for p in feat_dirs[0].glob("0000[01].npz"):
     assert p.stat().st_mtime_ns == mtimes[p.name]  # not recomputed
-  for item_id in reference["ids"]:
-    np.testing.assert_array_equal(resumed.labels[item_id], reference["labels"][item_id])
+  for item_id in reference.ids:
+    np.testing.assert_array_equal(resumed.labels[item_id], reference.labels[item_id])
 
 
 def test_changed_crf_setting_reuses_features_and_masks(images, params, tmp_path):
@@ -116,9 +116,9 @@ def test_changed_crf_setting_reuses_features_and_masks(images, params, tmp_path)
   config.crf.backend = "window"
   second = _run(config, images, params, out_dir=tmp_path)
   for stage in ("features", "masks"):
-    assert first["stage_keys"][stage] == second["stage_keys"][stage]
+    assert first.stage_keys[stage] == second.stage_keys[stage]
   for stage in ("refine", "regions"):
-    assert first["stage_keys"][stage] != second["stage_keys"][stage]
+    assert first.stage_keys[stage] != second.stage_keys[stage]
   assert len(list((tmp_path / "cache").glob("features-*"))) == 1
   assert len(list((tmp_path / "cache").glob("refine-*"))) == 2
 
@@ -207,5 +207,44 @@ def test_changed_image_under_the_same_id_is_recomputed(images, params, tmp_path)
   first = _run(config, images[:2], params, out_dir=tmp_path, ids=["a", "b"])
   changed = [images[0], images[2]]  # "b" now holds another image of another size
   second = _run(config, changed, params, out_dir=tmp_path, ids=["a", "b"])
-  assert second["labels"]["b"].shape == images[2].shape[:2]
-  assert first["stage_keys"]["masks"] != second["stage_keys"]["masks"]
+  assert second.labels["b"].shape == images[2].shape[:2]
+  assert first.stage_keys["masks"] != second.stage_keys["masks"]
+
+
+@pytest.mark.parametrize("crop_batch", [1, 3])
+def test_packed_region_crops_equal_per_image_descriptors(params, crop_batch):
+  """The regions stage packs the valid crops of many images into fixed ViT batches: each
+  image's descriptors equal the ViT on that image's own crops (1e-5), whatever the packing,
+  and images without regions are stored too."""
+  from lightcluster_jax.runner.cache import Stage
+  from lightcluster_jax.stages import regions
+  cfg = tiny_config().assign
+  cfg.crop_batch = crop_batch
+  rng = np.random.RandomState(0)
+  hw = [(64, 64), (64, 64), (48, 80), (64, 64)]
+  fgs = [np.zeros(s, bool) for s in hw]
+  fgs[0][5:30, 5:30] = True                      # one region
+  fgs[1][2:20, 2:20] = fgs[1][40:60, 30:60] = True  # two
+  fgs[2][10:40, 10:70] = True                    # one (another pixel bucket)
+  imgs = [rng.randint(0, 255, s + (3,)).astype(np.uint8) for s in hw]   # fgs[3]: none
+  items = [pipeline.Item(f"i{k}", (lambda k=k: imgs[k])) for k in range(4)]
+  refine_stage = Stage(None, "refine", "t")
+  for it, fg in zip(items, fgs):
+    refine_stage.save(it.id, {"fg": fg})
+  out = Stage(None, "regions", "t")
+  pipeline.run_regions(out, refine_stage, items, params=params, arch=ARCH, cfg=cfg,
+                       bucket_pixels=32, progress=False)
+  crops_fn = regions.make_crops_fn(
+      max_regions=cfg.max_regions, min_region_pixels=cfg.min_region_pixels,
+      whole_foreground=False, box_margin=cfg.box_margin, crop_size=cfg.crop_size)
+  describe = regions.make_describe_fn(ARCH)
+  for it, fg, img in zip(items, fgs, imgs):
+    got = out.load(it.id)
+    labels, crops, valid = crops_fn(fg[None], img[None], np.array([fg.shape], np.int32))
+    np.testing.assert_array_equal(got["valid"], np.asarray(valid[0]))
+    np.testing.assert_array_equal(got["regions"], np.asarray(labels[0]))
+    want = np.asarray(describe(params, crops[0]))
+    np.testing.assert_allclose(got["descriptors"][got["valid"]], want[np.asarray(valid[0])],
+                               atol=1e-5)
+    assert not got["descriptors"][~got["valid"]].any()
+  assert [int(out.load(f"i{k}")["valid"].sum()) for k in range(4)] == [1, 2, 1, 0]

@@ -6,6 +6,7 @@ pipeline of test_pipeline.py (2-block random ViT, synthetic images, CRF off) and
 their masks and labels to an npz that is compared here with a 1-device in-process run.
 """
 
+import inspect
 import json
 import os
 import pathlib
@@ -233,6 +234,103 @@ def test_streamed_grouped_lloyd_equals_grouped_kmeans_from_same_init():
   np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
 
 
+def _lloyd_case(cosine=False, empty=True):
+  """Blobs with a mask, chunks with a ragged tail, and an initial centroid no point is near
+  (empty after the first pass: re-seeded with the farthest point over all chunks)."""
+  rng = np.random.RandomState(3)
+  x = np.concatenate([rng.randn(400, 6) + 3, rng.randn(400, 6) - 3,
+                      rng.randn(403, 6)]).astype(np.float32)
+  m = rng.rand(len(x)) > 0.15
+  c0 = x[[0, 500, 900, 1000]].copy()
+  if empty:
+    c0[2] = c0[0] if cosine else 1e3              # a duplicate loses every tie: empty too
+  chunks = lambda: [(x[a:a + 333], m[a:a + 333]) for a in range(0, len(x), 333)]
+  return x, m, c0, chunks
+
+
+@pytest.mark.parametrize("cosine,empty", [(False, False), (False, True), (True, True)])
+def test_streamed_lloyd_equals_in_memory_kmeans_driver(cosine, empty):
+  """Same driver, same init: streamed chunks (float64 host sums) == `kmeans` in memory, up
+  to float summation order (centroids 1e-5, identical iterations and labels)."""
+  x, m, c0, chunks = _lloyd_case(cosine, empty)
+  ref = km.kmeans(x, 4, key=jax.random.PRNGKey(0), init=c0, mask=m, tol=0.0, cosine=cosine)
+  got, info = sharding.streamed_lloyd(chunks, c0, max_iter=100, cosine=cosine)
+  assert info["converged"] and info["iterations"] == int(ref.iterations)
+  np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
+  a, _ = km.assign(x, got, mask=m, cosine=cosine)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(ref.assignment))
+  if empty:
+    assert np.abs(got).max() < 50
+
+
+def test_streamed_grouped_lloyd_with_empty_clusters_equals_grouped_kmeans():
+  rng = np.random.RandomState(5)
+  x = rng.randn(1500, 4).astype(np.float32)
+  x[:700] += 2.5
+  gid = rng.randint(0, 3, 1500).astype(np.int32)
+  m = rng.rand(1500) > 0.1
+  init = np.stack([np.concatenate([x[(gid == g) & m][:2], [[1e3] * 4]]) for g in range(3)])
+  init = init.astype(np.float32)                                   # cluster 2 of every group
+  ref = km.grouped_kmeans(x, gid, 3, 3, key=jax.random.PRNGKey(0), mask=m, init=init,
+                          tol=0.0)
+  got, info = sharding.streamed_grouped_lloyd(
+      lambda: [(x[a:a + 400], gid[a:a + 400], m[a:a + 400]) for a in range(0, 1500, 400)],
+      init, max_iter=100)
+  assert info["converged"] and info["iterations"] == int(np.max(ref.iterations))
+  np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(km.grouped_assign(x, gid, got, mask=m)),
+                                np.asarray(ref.assignment))
+
+
+SHARDED_LLOYD_WORKER = textwrap.dedent("""
+  import os, sys
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  import jax, numpy as np
+  from lightcluster_jax import kmeans as km, sharding
+  # LLOYD_CASE
+  mesh = sharding.data_mesh()
+  assert sharding.mesh_size(mesh) == 8
+  for cosine, empty in ((False, True), (True, True), (False, False)):
+    x, m, c0, chunks = _lloyd_case(cosine, empty)
+    # 333-row chunks and a 2-row tail: padded to multiples of 8, fewer rows than k on some
+    # devices (their candidate lists are padded with -inf).
+    tail = lambda: chunks() + [(x[:2], np.zeros(2, bool))]
+    ref = km.kmeans(x, 4, key=jax.random.PRNGKey(0), init=c0, mask=m, tol=0.0, cosine=cosine)
+    got, info = sharding.streamed_lloyd(tail, c0, max_iter=100, mesh=mesh, cosine=cosine)
+    assert info["converged"] and info["iterations"] == int(ref.iterations), (info, ref)
+    np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
+    a, _ = km.assign(x, got, mask=m, cosine=cosine)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(ref.assignment))
+  rng = np.random.RandomState(5)
+  x = rng.randn(1500, 4).astype(np.float32)
+  x[:700] += 2.5
+  gid = rng.randint(0, 3, 1500).astype(np.int32)
+  m = rng.rand(1500) > 0.1
+  init = np.stack([np.concatenate([x[(gid == g) & m][:2], [[1e3] * 4]]) for g in range(3)])
+  init = init.astype(np.float32)
+  ref = km.grouped_kmeans(x, gid, 3, 3, key=jax.random.PRNGKey(0), mask=m, init=init, tol=0.0)
+  got, info = sharding.streamed_grouped_lloyd(
+      lambda: [(x[a:a + 400], gid[a:a + 400], m[a:a + 400]) for a in range(0, 1500, 400)],
+      init, max_iter=100, mesh=mesh)
+  assert info["converged"]
+  np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
+  print("OK")
+""")
+
+
+def test_sharded_lloyd_on_eight_devices_equals_in_memory_kmeans(tmp_path):
+  """The streamed driver with statistics psum-ed (and candidates gathered) over 8 simulated
+  devices == in-memory `kmeans` / `grouped_kmeans` from the same init, with empty clusters
+  (centroids 1e-5, identical iterations and labels)."""
+  script = tmp_path / "sharded_lloyd_worker.py"
+  script.write_text(SHARDED_LLOYD_WORKER.replace(
+      "# LLOYD_CASE", inspect.getsource(_lloyd_case)))
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(script)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_data_parallel_on_one_device_is_the_function(params):
   f = jax.jit(lambda a, b: a * b)
   g = sharding.data_parallel(f, sharding.local_mesh())
@@ -304,7 +402,7 @@ def test_eight_devices_give_the_same_masks_and_labels(tmp_path, reference):
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = _compare_with_reference(result, reference)
   assert int(got["devices"]) == 8
-  assert sorted(str(s) for s in got["ids"]) == sorted(reference[0]["ids"])
+  assert sorted(str(s) for s in got["ids"]) == sorted(reference[0].ids)
   # Sharded Lloyd statistics (psum over 8 devices) vs one device.
   rng = np.random.RandomState(0)
   x = rng.randn(3001, 16).astype(np.float32)
@@ -343,12 +441,12 @@ def test_two_processes_give_the_same_masks_and_labels(tmp_path, reference):
   for pid in range(2):
     got = _compare_with_reference(tmp_path / f"host{pid}.npz", reference)
     ids = [str(s) for s in got["ids"]]
-    assert ids == sharding.host_shard(sorted(reference[0]["ids"]), index=pid, count=2)
+    assert ids == sharding.host_shard(sorted(reference[0].ids), index=pid, count=2)
     # Each host wrote only its own images.
     mask_dir = next((tmp_path / f"host{pid}" / "cache").glob("masks-*"))
     assert sorted(p.stem for p in mask_dir.glob("*.npz")) == ids
     seen += ids
-  assert sorted(seen) == sorted(reference[0]["ids"])
+  assert sorted(seen) == sorted(reference[0].ids)
 
 
 REFINE_WORKER = textwrap.dedent("""
