@@ -29,8 +29,8 @@ from lightcluster_jax.blocks.components import (connected_components, dilate,
                                                 remove_small_components)
 from lightcluster_jax.blocks.crf import (dense_crf, get_params as crf_params, unary_from_labels,
                                          unary_from_probs)
-from lightcluster_jax.blocks.kmeans import (KMeansResult, batched_kmeans, fit_streaming,
-                                            grouped_kmeans, kmeans_on_sample, lloyd_statistics)
+from lightcluster_jax.blocks.kmeans import (KMeansResult, batched_kmeans, grouped_assign,
+                                            grouped_kmeans, lloyd_statistics)
 from lightcluster_jax.blocks.metrics import (ConfusionAccumulator, confusion_matrix,
                                              foreground_iou, hungarian_match,
                                              segmentation_scores)

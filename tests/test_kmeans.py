@@ -6,7 +6,12 @@ Oracles and tolerances:
   * scikit-learn k-means++ vs ours over 200 seeds each: mean inertia within 1%.
   * ott-jax `k_means` with the same initial centroids (and zero weights for masked points):
     identical labels, centroids within 1e-4.
-  * NumPy Lloyd sums for the streamed / sharded statistics: within 1e-4 relative.
+  * NumPy Lloyd sums for the chunk / sharded statistics: within 1e-4 relative; the farthest
+    candidates merged over chunks are the whole array's (same points, distances to 1e-6).
+  * The k=2 statistics function against the general one (same driver): identical labels,
+    iterations and convergence flags, centroids within 1e-5, inertia within 1e-5 relative.
+  * The driver's Python loop on float64 host statistics against its `lax.while_loop`:
+    identical labels and iterations, centroids within 1e-5.
 """
 
 import os
@@ -292,8 +297,8 @@ def test_bad_inputs_raise_clear_errors():
     km.kmeans(x, 2, key=jax.random.key(0), init="kmeans")
   with pytest.raises(ValueError, match="group_ids"):
     km.grouped_kmeans(x, np.zeros(9, np.int32), 2, 2, key=jax.random.key(0))
-  with pytest.raises(ValueError, match="one-shot"):
-    km.fit_streaming(iter([x]), 2, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="centroids"):
+    km.grouped_assign(x, np.zeros(10, np.int32), np.zeros((2, 3, 4)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,60 +375,91 @@ def test_lloyd_statistics_match_numpy_and_sum_over_chunks():
   np.testing.assert_allclose(sum(float(p[2]) for p in parts), float(j), rtol=1e-5)
 
 
-def test_streaming_lloyd_equals_full_lloyd():
-  x, _ = blobs(n=3000, d=8, centers=7, std=3.0, seed=14)
-  init = x[:6]
-  full = km.kmeans(x, 6, key=jax.random.key(0), init=init, max_iter=8, tol=0.0)
-  batches = [(x[i:i + 700], None) for i in range(0, 3000, 700)]      # ragged last batch
-  c_list, info = km.fit_streaming(batches, 6, key=jax.random.key(0), init=init, epochs=8,
-                                  tol=0.0, return_info=True)
-  c_arr = km.fit_streaming(x, 6, key=jax.random.key(0), init=init, epochs=8, tol=0.0,
-                           block_size=1024, chunk_size=256)
-  np.testing.assert_allclose(np.asarray(c_list), np.asarray(full.centroids), atol=1e-4)
-  np.testing.assert_allclose(np.asarray(c_arr), np.asarray(full.centroids), atol=1e-4)
-  assert info["epochs"] == int(full.iterations)
-  # inertia is non-increasing along Lloyd epochs
-  assert all(b <= a * (1 + 1e-6) for a, b in zip(info["inertia"], info["inertia"][1:]))
+def test_farthest_candidates_merge_over_chunks_like_the_whole_array():
+  """`combine_statistics` folded over chunks == the statistics of the whole array."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(1000, 6)).astype(np.float32)
+  m = rng.random(1000) > 0.3
+  c = x[:5]
+  whole = km.lloyd_statistics(x, m, c, farthest=5)
+  d2 = ((x[:, None] - c[None]) ** 2).sum(-1).min(1)
+  order = np.argsort(-np.where(m, d2, -np.inf), kind="stable")[:5]
+  np.testing.assert_array_equal(np.asarray(whole.farthest.points), x[order])
+  np.testing.assert_allclose(np.asarray(whole.farthest.dist), d2[order], rtol=1e-5)
+  total = km.zero_statistics(c)
+  for a in range(0, 1000, 170):
+    part = km.lloyd_statistics(x[a:a + 170], m[a:a + 170], c, farthest=5)
+    total = km.combine_statistics(total, jax.tree_util.tree_map(np.asarray, part))
+  np.testing.assert_allclose(total.sums, np.asarray(whole.sums), rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(total.counts, np.asarray(whole.counts))
+  np.testing.assert_allclose(total.farthest.dist, np.asarray(whole.farthest.dist), rtol=1e-6)
+  for got, want in zip(total.farthest[1:], whole.farthest[1:]):      # the same points
+    np.testing.assert_array_equal(got, np.asarray(want))
+  # Fewer valid points than candidates: -inf padding.
+  few = km.lloyd_statistics(x[:3], None, c, farthest=5).farthest
+  assert np.isinf(np.asarray(few.dist)[3:]).all() and np.isfinite(np.asarray(few.dist)[:3]).all()
 
 
-def test_streaming_from_generator_with_masks_and_minibatch():
-  x, _ = blobs(n=4000, d=6, centers=4, std=0.8, seed=15)
-  rng = np.random.default_rng(0)
-  junk = rng.normal(500, 1, (4000, 6)).astype(np.float32)
+@pytest.mark.parametrize("init_kind", ["blobs", "empty"])
+def test_driver_python_loop_equals_while_loop(init_kind):
+  """`lloyd` on float64 host statistics (the streamed path's loop) == `kmeans` in memory."""
+  x, _ = blobs(n=800, d=5, centers=4, std=2.0, seed=21)
+  m = np.random.default_rng(0).random(len(x)) > 0.1
+  init = x[:4].copy()
+  if init_kind == "empty":
+    init[3] = 1e3                                 # gets no point: re-seeded in pass 1
+  ref = km.kmeans(x, 4, key=jax.random.key(0), init=init, mask=m, tol=0.0)
 
-  def stream():                                   # valid rows interleaved with masked junk
-    for i in range(0, 4000, 1000):
-      xb = np.concatenate([x[i:i + 1000], junk[i:i + 1000]])
-      yield xb, np.arange(2000) < 1000
+  def stats(c, aux):
+    part = km.lloyd_statistics(x, m, c, farthest=4)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(
+        np.float64 if np.asarray(a).dtype.kind == "f" else np.asarray(a).dtype), part), aux
 
-  ref = sklearn_cluster.KMeans(4, n_init=5, random_state=0).fit(x)
-  ref.assignment, ref.inertia = ref.labels_, ref.inertia_
-  c = km.fit_streaming(stream, 4, key=jax.random.key(1), init_sample_size=500, epochs=10)
-  a, _ = km.assign(x, c)
-  assert same_partition(a, ref.assignment)
-  c_mb = km.fit_streaming(stream, 4, key=jax.random.key(1), init_sample_size=500, epochs=3,
-                          method="minibatch")
-  a_mb, d_mb = km.assign(x, c_mb)
-  assert float(d_mb.sum()) < 1.02 * float(ref.inertia)
-  assert np.abs(np.asarray(c_mb)).max() < 100     # the masked junk never pulled a centroid
+  seen = []
+  s = km.lloyd(stats, init, tol_abs=0.0, max_iter=100, python_loop=True,
+               callback=lambda st: seen.append(int(st.iterations)))
+  assert s.centroids.dtype == np.float32 and bool(s.done)
+  assert int(s.iterations) == int(ref.iterations) and seen == list(range(1, len(seen) + 1))
+  np.testing.assert_allclose(s.centroids, np.asarray(ref.centroids), rtol=0, atol=1e-5)
+  a, _ = km.assign(x, s.centroids, mask=m)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(ref.assignment))
 
 
-def test_kmeans_on_sample_and_assign_host_and_device():
+def test_assign_host_blocks_and_device_chunks_agree():
   x, _ = blobs(n=5000, d=8, centers=5, std=1.0, seed=16)
-  res = km.kmeans_on_sample(x, 5, key=jax.random.key(0), sample_size=800, n_init=3,
-                            refine_iters=3, block_size=1500, chunk_size=512)
-  assert res.assignment.shape == (5000,)
-  a_host, d_host = km.assign(x, res.centroids, block_size=1500, chunk_size=512)
-  a_dev, d_dev = km.assign(jnp.asarray(x), res.centroids, chunk_size=700)
+  m = np.random.default_rng(1).random(5000) > 0.05
+  res = km.kmeans(x, 5, key=jax.random.key(0), mask=m, n_init=2)
+  a_host, d_host = km.assign(x, res.centroids, mask=m, block_size=1500, chunk_size=512)
+  a_dev, d_dev = km.assign(jnp.asarray(x), res.centroids, mask=m, chunk_size=700)
   np.testing.assert_array_equal(np.asarray(a_host), np.asarray(res.assignment))
   np.testing.assert_array_equal(np.asarray(a_dev), np.asarray(res.assignment))
-  np.testing.assert_allclose(float(res.inertia), float(d_host.sum()), rtol=1e-5)
-  np.testing.assert_allclose(float(res.inertia),
-                             np_inertia(x, res.centroids, np.asarray(res.assignment)), rtol=1e-4)
-  full = sklearn_cluster.KMeans(5, n_init=3, random_state=0).fit(x)
-  np.testing.assert_allclose(float(res.inertia), full.inertia_, rtol=1e-3)
-  idx = km.sample_indices(100, 30, key=jax.random.key(0), mask=np.arange(100) % 2 == 0)
-  assert len(idx) == 30 and np.all(idx % 2 == 0) and np.all(np.diff(idx) > 0)
+  np.testing.assert_allclose(float(d_host.sum()), float(res.inertia), rtol=1e-5)
+  np.testing.assert_allclose(float(d_dev.sum()), float(res.inertia), rtol=1e-5)
+
+
+def test_grouped_assign_is_grouped_kmeans_final_assignment():
+  rng = np.random.default_rng(2)
+  x, _ = blobs(n=600, d=6, centers=8, std=1.5, seed=12)
+  gid = rng.integers(0, 4, len(x)).astype(np.int32)
+  mask = rng.random(len(x)) > 0.1
+  res = km.grouped_kmeans(x, gid, 4, 3, key=jax.random.key(0), mask=mask)
+  got = km.grouped_assign(x, gid, res.centroids, mask=mask)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(res.assignment))
+  gid_out = np.where(np.arange(len(x)) % 50 == 0, 7, gid)          # out of range: masked
+  got = np.asarray(km.grouped_assign(x, gid_out, res.centroids))
+  assert np.all(got[gid_out == 7] == -1)
+  np.testing.assert_array_equal(got[gid_out < 4], np.asarray(
+      km.grouped_assign(x, gid, res.centroids))[gid_out < 4])
+
+
+def test_sample_indices_is_the_masks_stage_draw():
+  key = jax.random.key(4)
+  mask = np.arange(1000) % 3 != 0
+  idx = km.sample_indices(1000, 100, key=key, mask=mask)
+  prio = jnp.where(jnp.asarray(mask), jax.random.uniform(key, (1000,)), -1.0)
+  np.testing.assert_array_equal(idx, np.asarray(jax.lax.top_k(prio, 100)[1]))
+  assert len(set(idx.tolist())) == 100 and mask[idx].all()
+  assert len(km.sample_indices(10, 100, key=key, mask=np.arange(10) < 4)) == 4
 
 
 def test_sharded_lloyd_step_matches_single_device(tmp_path):
@@ -526,6 +562,8 @@ def test_k2_path_equals_general_same_init_masked_weighted_padded():
 def test_k2_path_equals_general_kmeans_plus_plus_random_and_n_init():
   x, w, mask, keys = _k2_sets(seed=1)
   _assert_k2_same(*_k2_both(x, w, keys, None, init_mode="k-means++"), w)
+  w1 = mask.astype(np.float32)                     # the image level: mask only, cosine
+  _assert_k2_same(*_k2_both(x, w1, keys, None, init_mode="k-means++", cosine=True), w1)
   # With n_init > 1 several runs reach the same optimum (often with the two labels swapped)
   # and their inertias differ only by rounding, so the pick among them may differ: compare
   # partitions, and centroids up to the label swap.

@@ -7,9 +7,10 @@ k-means (METHOD.md steps 2-4):
   call over a padded batch `[B, N, D]` with a validity mask `[B, N]`.
 * **Category level**: ragged groups of points -> `grouped_kmeans`, one compiled call that runs an
   independent k-means inside every group (no Python loop over groups, no recompiles).
-* **Dataset level**: more points than fit in memory -> `fit_streaming` / `kmeans_on_sample` on
-  the host, built from pure per-chunk kernels (`lloyd_statistics`, `assign`) that also run
-  inside `jax.shard_map` with a `psum` over the data axis.
+* **Dataset level**: `kmeans` on a sample (`sample_indices`), then, when the data do not fit in
+  memory, exact Lloyd passes over chunks on the host (`sharding.streamed_lloyd`), built from
+  the pure per-chunk kernel `lloyd_statistics` that also runs inside `jax.shard_map` with a
+  `psum` over the data axis; `assign` labels every point.
 
 All variants minimise the weighted inertia over the valid points
 
@@ -17,18 +18,54 @@ All variants minimise the weighted inertia over the valid points
 
   J(c) = \\sum_{i:\\,m_i} w_i \\min_j \\lVert x_i - c_j \\rVert^2
 
-with Lloyd's iteration (assign every point to its nearest centroid, then move every centroid to
-the weighted mean of its points), seeded by greedy k-means++ (Arthur & Vassilvitskii 2007, with
+with Lloyd's iteration, seeded by greedy k-means++ (Arthur & Vassilvitskii 2007, with
 `2 + floor(log k)` local trials per step as in scikit-learn). Squared distances are computed as
-`||x||^2 - 2 x.c + ||c||^2` with matmuls at HIGHEST precision. Stopping follows scikit-learn:
-stop when the labels no longer change ("strict convergence") or when the total squared centroid
-shift is at most `tol * mean_d Var(x_d)`; then the points are re-assigned to the final centroids.
-A cluster that becomes empty is re-seeded with the valid point farthest from its own centroid
-(scikit-learn's rule). For k = 2 (the image level) `kmeans` / `batched_kmeans` run a
-specialised Lloyd (`_two_means`: assignment by the sign of one matvec, cluster sums updated
-from the points that changed cluster, lazy cosine normalisation) with the same result up to
-float32 rounding and about a third of the passes over the points. Masked points (mask False, or weight <= 0) never influence anything:
-not the seeding, not the centroids, not the tolerance, not the re-seeding; their assignment is -1.
+`||x||^2 - 2 x.c + ||c||^2` with matmuls at HIGHEST precision.
+
+**One Lloyd driver.** Every path runs the same iteration, `lloyd`, over a `LloydState`; the
+paths differ only in the *statistics function* that makes one pass over their points with the
+current centroids:
+
+.. math::
+
+  a_i = \\arg\\min_j \\lVert x_i - c_j \\rVert^2, \\quad
+  S_j = \\sum_{i: a_i = j} w_i x_i, \\quad n_j = \\sum_{i: a_i = j} w_i, \\quad
+  J = \\sum_i w_i \\lVert x_i - c_{a_i} \\rVert^2,
+
+plus the `r = k` valid points farthest from their own centroid (`Farthest`, the empty-cluster
+candidates). In memory the pass is one (optionally row-chunked) sweep over the points; k = 2
+keeps its sums up to date from the points that changed cluster (`_two_means`); grouped
+k-means computes per-group statistics `[G, k, ...]`; the streamed and sharded paths add the
+statistics of host chunks (`combine_statistics`) and `psum` them over a device mesh. The
+driver then applies, identically for all:
+
+1. **Empty clusters** (scikit-learn's rule). Let `e_1 < e_2 < ...` be the empty clusters
+   (`n_j = 0`) and `p_1, p_2, ...` the valid points sorted by decreasing distance to their
+   own centroid (ties: lower index first). Cluster `e_r` takes point `p_r`, which leaves its
+   old cluster `a = a_{p_r}`:
+
+   .. math::
+
+     S_{e_r} = w_p x_p, \\quad n_{e_r} = w_p, \\quad S_a \\mathrel{-}= w_p x_p, \\quad
+     n_a \\mathrel{-}= w_p.
+
+   A cluster still empty (fewer valid points than clusters) keeps its centroid. Only the
+   first `k` farthest points can be needed, so a chunk keeps its own `k` farthest and the
+   chunks', devices' and hosts' candidates merge by one more top-`k` (`combine_statistics`):
+   the result is the rule applied to the concatenated data, at a cost of k rows per chunk.
+2. **Update** `c_j <- S_j / n_j`.
+3. **Stop** when the squared centroid shift `sum_j ||c_j' - c_j||^2 <= tol_abs`, with
+   scikit-learn's `tol_abs = tol * mean_d Var(x_d)` (valid points), or after `max_iter`
+   updates. Unchanged labels give bitwise-unchanged sums, hence shift 0: scikit-learn's
+   "strict convergence" test is implied. When the shift is exactly 0 (and nothing was
+   re-seeded) the last pass's labels already belong to the final centroids and the final
+   assignment pass is skipped (`LloydState.exact`). Grouped k-means stops per group and
+   freezes a stopped group.
+
+The in-memory paths run `lloyd` as a `lax.while_loop` (jit / vmap friendly); the streamed
+path runs the same iteration function in a Python loop (`python_loop=True`) on float64 NumPy
+statistics. Masked points (mask False, or weight <= 0) never influence anything: not the
+seeding, not the centroids, not the tolerance, not the re-seeding; their assignment is -1.
 
 Example:
   >>> x = jax.random.normal(jax.random.key(0), (500, 8))
@@ -39,23 +76,23 @@ Example:
 References:
   Lloyd, "Least squares quantization in PCM", 1982.
   Arthur & Vassilvitskii, "k-means++: the advantages of careful seeding", SODA 2007.
-  Sculley, "Web-scale k-means clustering", WWW 2010 (the mini-batch update).
+  Pedregosa et al., scikit-learn `KMeans` (stopping rule, empty-cluster relocation).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "KMeansResult", "kmeans", "batched_kmeans", "grouped_kmeans", "assign",
-    "lloyd_statistics", "grouped_lloyd_statistics", "kmeans_on_sample", "fit_streaming",
-    "sample_indices", "l2_normalize",
+    "KMeansResult", "kmeans", "batched_kmeans", "grouped_kmeans", "assign", "grouped_assign",
+    "lloyd", "LloydState", "LloydStats", "Farthest", "combine_statistics", "zero_statistics",
+    "lloyd_statistics", "grouped_lloyd_statistics", "sample_indices", "l2_normalize",
 ]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -156,6 +193,241 @@ def _cluster_sums(x: jax.Array, w: jax.Array, ids: jax.Array, num: int):
 
 def _n_local_trials(k: int, n_local_trials: Optional[int]) -> int:
   return 2 + int(math.log(k)) if n_local_trials is None else int(n_local_trials)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Lloyd driver: one update, one empty-cluster rule, one stopping rule for every path.
+
+
+class Farthest(NamedTuple):
+  """The valid points farthest from their own centroid: the empty-cluster candidates.
+
+  `...` is the group axis [G] of grouped k-means (absent otherwise); r candidates, sorted by
+  decreasing distance (ties: lower point index first).
+
+  Attributes:
+    dist: [..., r] float, squared distance of each candidate to its centroid; -inf where there
+      is no candidate (fewer than r valid points).
+    points: [..., r, D] float, the candidates (L2-normalised with `cosine`).
+    weights: [..., r] float, their weights.
+    labels: [..., r] int32, the clusters they are assigned to.
+  """
+  dist: Any
+  points: Any
+  weights: Any
+  labels: Any
+
+
+class LloydStats(NamedTuple):
+  """Sufficient statistics of one Lloyd pass with centroids `c` ([..., k, D]).
+
+  Attributes:
+    sums: [..., k, D] `S_j = sum_{i: a_i = j} w_i x_i`.
+    counts: [..., k] `n_j = sum_{i: a_i = j} w_i`.
+    inertia: [...] `sum_i w_i ||x_i - c_{a_i}||^2`, w.r.t. the centroids of the pass.
+    farthest: a `Farthest` with r >= k candidates, or a zero-argument function returning one
+      (the in-memory paths: then it is computed only when some cluster is empty).
+  """
+  sums: Any
+  counts: Any
+  inertia: Any
+  farthest: Any
+
+
+class LloydState(NamedTuple):
+  """State of `lloyd` (leading `...` = the group axis of grouped k-means).
+
+  Attributes:
+    iterations: [...] int32, Lloyd updates applied (a stopped group stops counting).
+    centroids: [..., k, D] float32.
+    aux: what the statistics function carries from pass to pass (in memory: the labels of the
+      last pass).
+    inertia: [...] inertia of the last pass, w.r.t. the centroids it ran with.
+    shift: [...] squared centroid shift of the last update.
+    done: [...] bool, the stopping rule fired (or the group was frozen from the start).
+    exact: [...] bool, the last update left the centroids bitwise unchanged and re-seeded
+      nothing, so the last pass (`aux`, `inertia`) is already the final assignment.
+  """
+  iterations: Any
+  centroids: Any
+  aux: Any
+  inertia: Any
+  shift: Any
+  done: Any
+  exact: Any
+
+
+StatsFn = Callable[[Any, Any], "tuple[LloydStats, Any]"]
+
+
+def _xp(*arrays):
+  """NumPy for host arrays (the streamed path, float64), jax.numpy otherwise."""
+  return np if all(isinstance(a, (np.ndarray, np.generic)) for a in arrays) else jnp
+
+
+def _when(pred, true_fn, false_fn, xp):
+  """`lax.cond` in JAX; a plain `if` on the host (only the taken branch runs in both)."""
+  if xp is np:
+    return true_fn() if bool(pred) else false_fn()
+  return jax.lax.cond(pred, true_fn, false_fn)
+
+
+def _top_farthest(far: Farthest, r: int) -> Farthest:
+  """The first r candidates of `far` by decreasing distance (stable: ties keep their order)."""
+  xp = _xp(far.dist, far.points)
+  order = xp.argsort(-far.dist, axis=-1, stable=True)[..., :r]
+  pick = lambda a: xp.take_along_axis(a, order, axis=-1)
+  return Farthest(pick(far.dist), xp.take_along_axis(far.points, order[..., None], axis=-2),
+                  pick(far.weights), pick(far.labels))
+
+
+def combine_statistics(a: LloydStats, b: LloydStats) -> LloydStats:
+  """Statistics of the concatenation of two disjoint point sets, `a`'s points first.
+
+  Sums, counts and inertia add; the farthest candidates are the top-r of both lists (ties:
+  `a`'s first), so folding the chunks of a dataset in order gives exactly the statistics of
+  the whole dataset (up to float summation order). Works on NumPy (host, float64
+  accumulators) and on JAX arrays; `farthest` must be concrete `Farthest` values.
+
+  Args:
+    a, b: `LloydStats` with equal shapes.
+
+  Returns:
+    LloydStats.
+  """
+  fa, fb = a.farthest, b.farthest
+  xp = _xp(fa.dist, fb.dist)
+  both = Farthest(xp.concatenate([fa.dist, fb.dist], axis=-1),
+                  xp.concatenate([fa.points, fb.points], axis=-2),
+                  xp.concatenate([fa.weights, fb.weights], axis=-1),
+                  xp.concatenate([fa.labels, fb.labels], axis=-1))
+  return LloydStats(a.sums + b.sums, a.counts + b.counts, a.inertia + b.inertia,
+                    _top_farthest(both, fa.dist.shape[-1]))
+
+
+def zero_statistics(centroids, num_farthest: Optional[int] = None) -> LloydStats:
+  """The statistics of no point (the identity of `combine_statistics`), float64 NumPy.
+
+  Args:
+    centroids: [..., k, D] (only the shape is used).
+    num_farthest: candidates r (default k).
+
+  Returns:
+    LloydStats of zeros, with `farthest.dist` = -inf.
+  """
+  shape = np.shape(centroids)
+  lead, k, d = shape[:-2], shape[-2], shape[-1]
+  r = k if num_farthest is None else int(num_farthest)
+  far = Farthest(np.full(lead + (r,), -np.inf), np.zeros(lead + (r, d)), np.zeros(lead + (r,)),
+                 np.zeros(lead + (r,), np.int32))
+  return LloydStats(np.zeros(lead + (k, d)), np.zeros(lead + (k,)), np.zeros(lead), far)
+
+
+def _reseed_empty(sums, counts, far: Farthest, empty, xp):
+  """The empty-cluster rule (module docstring): the r-th empty cluster takes the r-th
+  farthest valid point, which leaves its old cluster.
+
+  Args:
+    sums, counts: [..., k, D], [..., k] statistics of the pass.
+    far: `Farthest` with R candidates.
+    empty: [..., k] bool, the clusters to re-seed.
+
+  Returns:
+    (sums, counts, moved [..., k] bool: the clusters that received a point).
+  """
+  k = counts.shape[-1]
+  n_far = far.dist.shape[-1]
+  rank = xp.cumsum(empty, axis=-1) - 1                          # r-th empty cluster: rank r
+  r = xp.clip(rank, 0, n_far - 1)
+  take = lambda a: xp.take_along_axis(a, r, axis=-1)
+  ok = empty & (rank < n_far) & xp.isfinite(take(far.dist))
+  ws = xp.where(ok, take(far.weights), 0.0)                     # [..., k]
+  moved = xp.take_along_axis(far.points, r[..., None], axis=-2) * ws[..., None]   # [..., k, D]
+  # Remove every moved point from its old cluster (a one-hot sum: at most k points move).
+  old = (take(far.labels)[..., :, None] == xp.arange(k)) & ok[..., None]         # [..., k, k]
+  old = old.astype(moved.dtype)
+  sums = sums - xp.sum(old[..., None] * moved[..., :, None, :], axis=-3)
+  counts = counts - xp.sum(old * ws[..., None], axis=-2)
+  return xp.where(ok[..., None], moved, sums), xp.where(ok, ws, counts), ok
+
+
+def _lloyd_iteration(state: LloydState, stats_fn: StatsFn, tol_abs, xp) -> LloydState:
+  """One Lloyd iteration: pass -> empty-cluster rule -> update -> stopping rule."""
+  c = state.centroids
+  stats, aux = stats_fn(c, state.aux)
+  active = ~state.done
+  empty = (stats.counts <= 0) & active[..., None]
+
+  def reseed():
+    far = stats.farthest() if callable(stats.farthest) else stats.farthest
+    return _reseed_empty(stats.sums, stats.counts, far, empty, xp)
+
+  def keep():
+    return stats.sums, stats.counts, xp.zeros(empty.shape, bool)
+
+  sums, counts, moved = _when(xp.any(empty), reseed, keep, xp)
+  mean = sums / xp.where(counts > 0, counts, 1.0)[..., None]
+  new = xp.where(((counts > 0) & active[..., None])[..., None], mean, c).astype(c.dtype)
+  diff = new.astype(sums.dtype) - c.astype(sums.dtype)
+  shift = xp.sum(diff * diff, axis=(-2, -1))
+  return LloydState(state.iterations + active.astype(state.iterations.dtype), new, aux,
+                    stats.inertia, shift, state.done | (shift <= tol_abs),
+                    (shift == 0) & ~xp.any(moved, axis=-1))
+
+
+def lloyd(stats_fn: StatsFn, centroids, *, tol_abs, max_iter: int, aux=None, done=None,
+          python_loop: bool = False,
+          callback: Optional[Callable[[LloydState], None]] = None) -> LloydState:
+  """Lloyd's algorithm from `centroids`, for any statistics function (the one driver).
+
+  Every iteration calls `stats_fn(centroids, aux) -> (LloydStats, aux)` (one pass over the
+  points) and then applies the empty-cluster rule, the update `c_j = S_j / n_j` and the
+  stopping rule `||c' - c||^2 <= tol_abs` of the module docstring. Groups (a leading axis of
+  `centroids`) stop independently; a stopped group is frozen; the loop ends when every group
+  has stopped or after `max_iter` iterations.
+
+  Args:
+    stats_fn: `(centroids [..., k, D], aux) -> (LloydStats, aux)`.
+    centroids: [..., k, D] float32 initial centroids.
+    tol_abs: [...] or scalar absolute tolerance on the squared shift.
+    max_iter: maximum iterations.
+    aux: initial carry of `stats_fn` (a pytree with fixed shapes under `lax.while_loop`).
+    done: optional [...] bool: groups frozen from the start (e.g. groups with no point).
+    python_loop: run the iterations in Python on NumPy values (host statistics, e.g.
+      streamed chunks); default a `lax.while_loop` (jit / vmap friendly).
+    callback: `python_loop` only: called with the state after every iteration.
+
+  Returns:
+    The final `LloydState`. Its `aux` / `inertia` belong to the centroids of the last pass;
+    they are the final assignment where `exact` is True.
+
+  Example:
+    >>> x = jax.random.normal(jax.random.key(0), (100, 2))
+    >>> stats = lambda c, aux: (lloyd_statistics(x, None, c, farthest=3), aux)
+    >>> lloyd(stats, x[:3], tol_abs=0.0, max_iter=50).centroids.shape
+    (3, 2)
+  """
+  xp = np if python_loop else jnp
+  c = xp.asarray(centroids, xp.float32)
+  lead = c.shape[:-2]
+  done = xp.zeros(lead, bool) if done is None else xp.asarray(done, bool)
+  inertia_dtype = np.float64 if python_loop else jnp.float32
+  state = LloydState(xp.zeros(lead, xp.int32), c, aux, xp.zeros(lead, inertia_dtype),
+                     xp.zeros(lead, inertia_dtype), done, xp.zeros(lead, bool))
+
+  def cond(s):
+    return xp.any(~s.done) & (xp.max(s.iterations, initial=0) < max_iter)
+
+  def body(s):
+    return _lloyd_iteration(s, stats_fn, tol_abs, xp)
+
+  if not python_loop:
+    return jax.lax.while_loop(cond, body, state)
+  while bool(cond(state)):
+    state = body(state)
+    if callback is not None:
+      callback(state)
+  return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,72 +551,41 @@ def _pass(x, w, centroids, *, chunk: Optional[int], cosine: bool = False,
   return jax.lax.fori_loop(1, -(-n // chunk), body, init)
 
 
-def _relocate_empty(x, w, labels, dist, sums, counts, cosine: bool = False):
-  """scikit-learn's empty-cluster rule: the j-th empty cluster takes the j-th farthest point.
+def _farthest_points(dist, w, labels, r: int, rows: Callable) -> Farthest:
+  """The r valid points with the largest `dist` (ties: lower index), padded with -inf.
 
-  "Farthest" = largest squared distance to its own centroid among valid points; the point's
-  weight and coordinates move out of its old cluster into the empty one.
+  Args:
+    dist: [N] squared distance of every point to its centroid.
+    w: [N] effective weights (0 = masked: never a candidate).
+    labels: [N] int32 clusters.
+    r: number of candidates.
+    rows: `idx [m] -> [m, D]` float32 points (normalised where the pass normalises).
   """
-  k = counts.shape[0]
-  n_far = min(k, x.shape[0])
-  far_d, far_idx = jax.lax.top_k(jnp.where(w > 0, dist, -jnp.inf), n_far)
-  empty = counts <= 0
-  rank = jnp.cumsum(empty) - 1
-  r = jnp.clip(rank, 0, n_far - 1)
-  src = far_idx[r]
-  ok = empty & (rank < n_far) & jnp.isfinite(far_d[r])
-  ws = jnp.where(ok, w[src], 0.0)
-  xs = x[src].astype(jnp.float32)
-  if cosine:
-    xs = l2_normalize(xs)
-  moved = xs * ws[:, None]
-  old = labels[src]
-  sums = sums - jax.ops.segment_sum(moved, old, num_segments=k)
-  counts = counts - jax.ops.segment_sum(ws, old, num_segments=k)
-  return jnp.where(ok[:, None], moved, sums), jnp.where(ok, ws, counts)
+  m = min(r, dist.shape[0])
+  d, idx = jax.lax.top_k(jnp.where(w > 0, dist, -jnp.inf), m)
+  far = Farthest(d, rows(idx).astype(jnp.float32), w[idx], labels[idx].astype(jnp.int32))
+  if m == r:
+    return far
+  pad = lambda a, v: jnp.concatenate([a, jnp.full((r - m,) + a.shape[1:], v, a.dtype)])
+  return Farthest(pad(far.dist, -jnp.inf), pad(far.points, 0), pad(far.weights, 0),
+                  pad(far.labels, 0))
 
 
-class _LloydState(NamedTuple):
-  it: jax.Array
-  centroids: jax.Array
-  labels: jax.Array
-  inertia: jax.Array   # of the last pass, w.r.t. the centroids it was run with
-  done: jax.Array
-  final: jax.Array     # the last pass already is the final assignment (see _lloyd)
+def _point_rows(x, cosine: bool) -> Callable:
+  """`idx -> x[idx]` as float32, L2-normalised with `cosine` (as the pass sees them)."""
+  def rows(idx):
+    xs = x[idx].astype(jnp.float32)
+    return l2_normalize(xs) if cosine else xs
+  return rows
 
 
-def _lloyd(x, w, centroids, tol_abs, max_iter: int, chunk: Optional[int], cosine: bool):
-  """Lloyd iterations from `centroids` -> the final `_LloydState`.
-
-  `x` is already normalised unless `chunk` is set and `cosine` (then every pass normalises
-  its blocks on the fly). When the loop ended by strict convergence without re-seeding
-  (`final`), the state's labels / inertia are already the final assignment and the caller
-  can skip one pass; otherwise they belong to the previous centroids.
-  """
-  valid = w > 0
-  pass_cosine = cosine and chunk is not None
-
-  def cond(s):
-    return (s.it < max_iter) & ~s.done
-
-  def body(s):
-    p = _pass(x, w, s.centroids, chunk=chunk, cosine=pass_cosine)
-    reseed = jnp.any(p.counts <= 0)
-    sums, counts = jax.lax.cond(
-        reseed, functools.partial(_relocate_empty, cosine=pass_cosine),
-        lambda *a: (a[-2], a[-1]), x, w, p.labels, p.dist, p.sums, p.counts)
-    new = jnp.where(counts[:, None] > 0, sums / jnp.where(counts > 0, counts, 1.0)[:, None],
-                    s.centroids)
-    strict = jnp.all((p.labels == s.labels) | ~valid)
-    shift = jnp.sum((new - s.centroids) ** 2)
-    # Unchanged labels and no re-seeding: `new` is bitwise the previous centroids (same sums
-    # of the same points), so this pass's labels and inertia are already the final ones.
-    return _LloydState(s.it + 1, new, p.labels, p.inertia, strict | (shift <= tol_abs),
-                       strict & ~reseed)
-
-  init = _LloydState(jnp.int32(0), centroids, jnp.full(w.shape, -1, jnp.int32),
-                     jnp.float32(0), jnp.asarray(False), jnp.asarray(False))
-  return jax.lax.while_loop(cond, body, init)
+def _pass_statistics(x, w, centroids, *, chunk: Optional[int], cosine: bool,
+                     num_farthest: int):
+  """One in-memory Lloyd pass -> (LloydStats with a lazy `farthest`, labels [N])."""
+  p = _pass(x, w, centroids, chunk=chunk, cosine=cosine)
+  far = functools.partial(_farthest_points, p.dist, w, p.labels, num_farthest,
+                          _point_rows(x, cosine))
+  return LloydStats(p.sums, p.counts, p.inertia, far), p.labels
 
 
 def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_init: int,
@@ -372,6 +613,11 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
   xs_sq = jnp.sum(xs * xs, axis=-1)
   valid = w > 0
   tol_abs = _tolerance(xs, xs_sq, valid, tol)
+  chunk = chunk_size if chunked else None
+  pass_cosine = cosine and chunked
+
+  def stats(c, _):
+    return _pass_statistics(x, w, c, chunk=chunk, cosine=pass_cosine, num_farthest=k)
 
   def one_run(run_key):
     if init_mode == "k-means++":
@@ -380,15 +626,16 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
       c0 = _random_init(run_key, xs, w, k)
     else:
       c0 = init_centroids.astype(jnp.float32)
-    s = _lloyd(x, w, c0, tol_abs, max_iter, chunk_size if chunked else None, cosine)
+    s = lloyd(stats, c0, tol_abs=tol_abs, max_iter=max_iter,
+              aux=jnp.full(w.shape, -1, jnp.int32))
 
-    def final_pass(s):
-      p = _pass(x, w, s.centroids, chunk=chunk_size if chunked else None,
-                cosine=cosine and chunked, stats=False)
+    def final_pass():
+      p = _pass(x, w, s.centroids, chunk=chunk, cosine=pass_cosine, stats=False)
       return p.labels, p.inertia
 
-    labels, inertia = jax.lax.cond(s.final, lambda s: (s.labels, s.inertia), final_pass, s)
-    return KMeansResult(s.centroids, jnp.where(valid, labels, -1), inertia, s.it, s.done)
+    labels, inertia = jax.lax.cond(s.exact, lambda: (s.aux, s.inertia), final_pass)
+    return KMeansResult(s.centroids, jnp.where(valid, labels, -1), inertia, s.iterations,
+                        s.done)
 
   if n_init == 1:
     return one_run(key)
@@ -398,7 +645,7 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
 
 
 # ----------------------------------------------------------------------------------------------
-# k = 2 (image level): a specialised Lloyd with one matvec per iteration.
+# k = 2 (image level): the driver with an incremental statistics function.
 
 
 # Sparse M-step: when few points changed cluster, the sums are updated from the changed rows
@@ -408,36 +655,33 @@ def _kmeans_single(x, w, key, init_centroids, tol, *, k: int, init_mode: str, n_
 _K2_SPARSE_ROWS = (64, 256)
 
 
-class _TwoState(NamedTuple):
-  it: jax.Array
-  centroids: jax.Array   # [2, D]
-  labels: jax.Array      # [N] int32, nearest centroid of `centroids` (always up to date)
-  sum_labels: jax.Array  # [N] int32, the labels `sums` / `counts` belong to
-  sums: jax.Array        # [2, D] weighted sums of the points of each cluster of sum_labels
-  counts: jax.Array      # [2] weights of each cluster of sum_labels
-  done: jax.Array
-  final: jax.Array
+class _TwoAux(NamedTuple):
+  """The carry of the k=2 statistics function."""
+  labels: jax.Array   # [N] int32, the labels `sums` / `counts` belong to
+  sums: jax.Array     # [2, D] weighted sums of the points of each cluster
+  counts: jax.Array   # [2] weights of each cluster
+  fresh: jax.Array    # bool: `labels` already are the labels of the next centroids
 
 
 def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
                n_local_trials: int, cosine: bool = False) -> KMeansResult:
-  """One k=2 run (seeding + Lloyd + final assignment) with the same result as the general path.
+  """One k=2 run (seeding + `lloyd` + final assignment) with the general path's result.
 
-  For two centroids the assignment is the sign of a single matvec,
+  Same driver (`lloyd`: empty-cluster rule, update, stopping rule), with a statistics
+  function specialised to two centroids. The assignment is the sign of a single matvec,
 
   .. math::
 
     a_i = [\\, \\lVert x_i - c_1 \\rVert^2 < \\lVert x_i - c_0 \\rVert^2 \\,]
         = [\\, 2 x_i \\cdot (c_0 - c_1) + \\lVert c_1 \\rVert^2 - \\lVert c_0 \\rVert^2 < 0 \\,],
 
-  so an iteration reads the points once for the E-step (one matvec instead of an [N, 2]
-  distance matrix and an argmin). The M-step updates the cluster sums from the rows whose
-  label changed (top_k compaction + gather of a fixed number of rows; a full pass only when
-  many changed): S_1 += sum_i delta_i x_i, S_0 -= the same, with delta_i = +-w_i. The
-  k-means++ distances to both initial centroids are already known, so the first E-step is
-  free, and the first M-step's pass also yields the unweighted sum of the valid points for
-  the tolerance. The stopping rule, the empty-cluster rule and the final assignment are those
-  of `_lloyd`; the returned inertia is evaluated from the sums of the final clusters,
+  so a pass reads the points once for the E-step (one matvec instead of an [N, 2] distance
+  matrix and an argmin). The sums are updated from the rows whose label changed since the
+  previous pass (top_k compaction + gather of a fixed number of rows; a full pass only when
+  many changed): S_1 += sum_i delta_i x_i, S_0 -= the same, with delta_i = +-w_i. The k-means++
+  distances to both initial centroids are already known, so the first E-step is free (the
+  carry's `fresh` flag), and the first sums' pass also yields the unweighted sum of the valid
+  points for the tolerance. The inertia comes from the sums of the clusters,
 
   .. math::
 
@@ -445,7 +689,8 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
         + \\sum_j n_j \\lVert c_j \\rVert^2,
 
   instead of per point (same float32 cancellation as the per-point `||x||^2 - 2 x.c +
-  ||c||^2`, clamped at 0 only in total).
+  ||c||^2`, clamped at 0 only in total), and the farthest points are computed (one distance
+  pass) only when a cluster is empty.
 
   With `cosine`, the points are never normalised in memory: every product with the points
   is scaled per row instead (`(x / s) . c = (x . c) / s`, `sum_i a_i x_i / s_i`), which saves
@@ -454,7 +699,8 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
   On CPU the cost per set is dominated by memory traffic: one pass brings the set into cache
   (the copy out of the batch), then every pass over the set streams it from L3, so the
   number of passes is what this function minimises (measured on [3136, 384] sets: seeding
-  4 passes, then about 1.3 per Lloyd iteration, versus ~3 per iteration in `_lloyd`).
+  4 passes, then about 1.3 per Lloyd iteration, versus ~3 per iteration in the general
+  statistics function).
 
   Args:
     x: [N, D] float32 points (raw, also with `cosine`).
@@ -525,7 +771,7 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
     dd = sq_dists(c0)
     labels = (dd[:, 1] < dd[:, 0]).astype(jnp.int32)
 
-  # The first M-step's sums, with the unweighted sum of the valid points (tolerance).
+  # The first sums, with the unweighted sum of the valid points (tolerance).
   lf = labels.astype(jnp.float32)
   cols = jnp.stack([w * (1.0 - lf), w * lf, v], axis=1)                 # [N, 3]
   sums3 = vecmat(cols)
@@ -537,8 +783,7 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
   sizes = sorted({min(r, n) for r in _K2_SPARSE_ROWS})
 
   def update_sums(new_labels, old_labels, sums, counts):
-    """Sums / counts of `new_labels` from those of `old_labels`, and the number of valid
-    points whose label differs."""
+    """Sums / counts of `new_labels` from those of `old_labels`."""
     delta = w * (new_labels - old_labels).astype(jnp.float32)    # +w: moved to cluster 1
     num = jnp.sum(delta != 0)
 
@@ -558,46 +803,32 @@ def _two_means(x, w, key, init_centroids, tol, *, init_mode: str, max_iter: int,
 
     branch = jnp.sum(num > jnp.asarray(sizes)) + (num > 0)
     return jax.lax.switch(branch, [lambda _: (sums, counts)] + [sparse(r) for r in sizes]
-                          + [dense], None) + (num,)
+                          + [dense], None)
 
   def estep(c):
     u = mv((c[0] - c[1])[None])[:, 0]
     c_sq = jnp.sum(c * c, axis=-1)
     return (2.0 * u + (c_sq[1] - c_sq[0]) < 0).astype(jnp.int32)
 
-  def relocate(labels, c, sums, counts):
-    dist = jnp.min(sq_dists(c), axis=1)
-    return _relocate_empty(x, w, labels, dist, sums, counts, cosine=cosine)
+  def inertia_of(c, sums, counts):
+    return jnp.maximum(
+        w_sq - 2.0 * jnp.sum(c * sums) + jnp.sum(counts * jnp.sum(c * c, axis=-1)), 0.0)
 
-  def cond(s):
-    return (s.it < max_iter) & ~s.done
+  def stats(c, aux: _TwoAux):
+    labels = jax.lax.cond(aux.fresh, lambda: aux.labels, lambda: estep(c))
+    sums, counts = update_sums(labels, aux.labels, aux.sums, aux.counts)
+    far = lambda: _farthest_points(jnp.min(sq_dists(c), axis=1), w, labels, 2, rows)
+    return (LloydStats(sums, counts, inertia_of(c, sums, counts), far),
+            _TwoAux(labels, sums, counts, jnp.asarray(False)))
 
-  def body(s):
-    sums, counts, num = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
-    reseed = jnp.any(counts <= 0)
-    rs, rc = jax.lax.cond(reseed, relocate, lambda *a: (a[-2], a[-1]),
-                          s.labels, s.centroids, sums, counts)
-    new = jnp.where(rc[:, None] > 0, rs / jnp.where(rc > 0, rc, 1.0)[:, None], s.centroids)
-    # Labels unchanged since the previous iteration (sum_labels; in the first iteration
-    # nothing is "unchanged" unless there is no valid point, as in `_lloyd`).
-    strict = jnp.where(s.it == 0, no_valid, num == 0)
-    shift = jnp.sum((new - s.centroids) ** 2)
-    final = strict & ~reseed
-    # Unchanged labels without re-seeding: `new` equals the centroids the labels were
-    # computed with, so the E-step for the next iteration / the final assignment is skipped.
-    labels = jax.lax.cond(final, lambda c: s.labels, estep, new)
-    return _TwoState(s.it + 1, new, labels, s.labels, sums, counts,
-                     strict | (shift <= tol_abs), final)
-
-  no_valid = ~jnp.any(valid)
-  init = _TwoState(jnp.int32(0), c0, labels, labels, sums0, counts0, jnp.asarray(False),
-                   jnp.asarray(False))
-  s = jax.lax.while_loop(cond, body, init)
-  sums, counts, _ = update_sums(s.labels, s.sum_labels, s.sums, s.counts)
-  c = s.centroids
-  inertia = w_sq - 2.0 * jnp.sum(c * sums) + jnp.sum(counts * jnp.sum(c * c, axis=-1))
-  return KMeansResult(c, jnp.where(valid, s.labels, -1), jnp.maximum(inertia, 0.0), s.it,
-                      s.done)
+  s = lloyd(stats, c0, tol_abs=tol_abs, max_iter=max_iter,
+            aux=_TwoAux(labels, sums0, counts0, jnp.asarray(True)))
+  # The final assignment: the last pass's when the centroids did not move, else one more.
+  # The inertia is evaluated here, outside the loop (where XLA fuses it the same way for
+  # every variant, so n_init runs compare on equal terms).
+  aux = jax.lax.cond(s.exact, lambda: s.aux, lambda: stats(s.centroids, s.aux)[1])
+  return KMeansResult(s.centroids, jnp.where(valid, aux.labels, -1),
+                      inertia_of(s.centroids, aux.sums, aux.counts), s.iterations, s.done)
 
 
 _STATIC = ("k", "init_mode", "n_init", "max_iter", "cosine", "n_local_trials", "chunk_size",
@@ -732,9 +963,9 @@ def batched_kmeans(points, k: int, *, keys, mask=None, weights=None, init: Init 
       over chunks of that many sets: each set's data stays in cache and each chunk stops
       with its own slowest set (1 = one set at a time, ~4x faster on CPU for 3136 x 384
       sets). Default "auto": 1 on the CPU backend, None otherwise.
-      With k=2 (and no chunking) every set runs the specialised `_two_means` Lloyd (same
-      result as the general path up to float32 rounding; ~1.5x faster on CPU for
-      3136 x 384 sets, see benchmarks/kmeans.py).
+      With k=2 (and no chunking) every set runs the Lloyd driver with the k=2 statistics
+      function (`_two_means`: same result as the general one up to float32 rounding;
+      ~1.5x faster on CPU for 3136 x 384 sets, see benchmarks/kmeans.py).
 
   Returns:
     KMeansResult with a leading B axis: centroids [B, k, D], assignment [B, N], inertia [B],
@@ -777,6 +1008,14 @@ def batched_kmeans(points, k: int, *, keys, mask=None, weights=None, init: Init 
 
 # ----------------------------------------------------------------------------------------------
 # Many groups at once.
+
+
+def _group_weights(points, group_ids, mask, weights, num_groups: int):
+  """(gid clipped to [0, G), effective weights with out-of-range ids masked)."""
+  gid = jnp.asarray(group_ids, jnp.int32)
+  in_range = (gid >= 0) & (gid < num_groups)
+  m = in_range if mask is None else in_range & jnp.asarray(mask, bool)
+  return jnp.clip(gid, 0, num_groups - 1), _effective_weights(points.shape[0], m, weights)
 
 
 def _segment_argmax(scores, gid, num_groups: int):
@@ -843,28 +1082,35 @@ def _grouped_random_init(key, x, w, gid, num_groups: int, k: int):
   return x[jnp.clip(picks, 0, x.shape[0] - 1)]
 
 
-def _grouped_relocate(x, w, gid, labels, dist, sums, counts):
-  """Per-group version of `_relocate_empty` (sums [G, k, D], counts [G, k])."""
-  g, k, d = sums.shape
+def _grouped_farthest(x, w, gid, labels, dist, num_groups: int, r: int) -> Farthest:
+  """Per group, the r valid points farthest from their centroid -> Farthest [G, r, ...].
+
+  r successive segment argmaxes (ties: lower index first, as `lax.top_k`).
+  """
   scores = jnp.where(w > 0, dist, -jnp.inf)
-  far, far_ok = [], []
-  for _ in range(k):
-    idx, ok = _segment_argmax(scores, gid, g)
-    far.append(idx)
-    far_ok.append(ok)
-    scores = scores.at[idx].set(jnp.where(ok, -jnp.inf, scores[idx]))
-  far, far_ok = jnp.stack(far, 1), jnp.stack(far_ok, 1)               # [G, k]
-  empty = counts <= 0
-  rank = jnp.cumsum(empty, axis=1) - 1
-  r = jnp.clip(rank, 0, k - 1)
-  src = jnp.take_along_axis(far, r, axis=1)
-  ok = empty & jnp.take_along_axis(far_ok, r, axis=1)
-  ws = jnp.where(ok, w[src], 0.0)                                      # [G, k]
-  moved = x[src] * ws[..., None]                                       # [G, k, D]
-  old = (gid[src] * k + labels[src]).reshape(-1)
-  sums = sums - jax.ops.segment_sum(moved.reshape(-1, d), old, num_segments=g * k).reshape(g, k, d)
-  counts = counts - jax.ops.segment_sum(ws.reshape(-1), old, num_segments=g * k).reshape(g, k)
-  return jnp.where(ok[..., None], moved, sums), jnp.where(ok, ws, counts)
+  idx, ok = [], []
+  for _ in range(r):
+    i, o = _segment_argmax(scores, gid, num_groups)
+    idx.append(i)
+    ok.append(o)
+    scores = scores.at[i].set(jnp.where(o, -jnp.inf, scores[i]))
+  idx, ok = jnp.stack(idx, 1), jnp.stack(ok, 1)                        # [G, r]
+  return Farthest(jnp.where(ok, dist[idx], -jnp.inf), x[idx], jnp.where(ok, w[idx], 0.0),
+                  labels[idx].astype(jnp.int32))
+
+
+def _grouped_pass(x, x_sq, w, gid, centroids, num_farthest: int):
+  """One grouped Lloyd pass -> (LloydStats [G, ...] with a lazy `farthest`, labels [N]).
+
+  `x` already normalised; `gid` in [0, G).
+  """
+  g, k, _ = centroids.shape
+  dd = _own_group_dists(x, x_sq, gid, centroids)
+  labels, dist = jnp.argmin(dd, axis=1).astype(jnp.int32), jnp.min(dd, axis=1)
+  sums, counts = _cluster_sums(x, w, gid * k + labels, g * k)
+  inertia = jax.ops.segment_sum(w * dist, gid, num_segments=g)
+  far = functools.partial(_grouped_farthest, x, w, gid, labels, dist, g, num_farthest)
+  return LloydStats(sums.reshape(g, k, -1), counts.reshape(g, k), inertia, far), labels
 
 
 def _grouped_single(x, w, gid, key, init_centroids, tol, *, num_groups: int, k: int,
@@ -889,37 +1135,17 @@ def _grouped_single(x, w, gid, key, init_centroids, tol, *, num_groups: int, k: 
     c0 = init_centroids.astype(jnp.float32)
   c0 = jnp.where((n_g > 0)[:, None, None], c0, 0.0)
 
-  def estep(c):
-    d = _own_group_dists(x, x_sq, gid, c)
-    return jnp.argmin(d, axis=1).astype(jnp.int32), jnp.min(d, axis=1)
+  def stats(c, _):
+    return _grouped_pass(x, x_sq, w, gid, c, k)
 
-  def cond(s):
-    it, _, _, done = s
-    return jnp.any(~done) & (jnp.max(it) < max_iter)
+  s = lloyd(stats, c0, tol_abs=tol_abs, max_iter=max_iter,
+            aux=jnp.full(w.shape, -1, jnp.int32), done=n_g <= 0)
 
-  def body(s):
-    it, c, prev, done = s
-    labels, dist = estep(c)
-    sums, counts = _cluster_sums(x, w, gid * k + labels, g * k)
-    sums, counts = sums.reshape(g, k, -1), counts.reshape(g, k)
-    sums, counts = jax.lax.cond(
-        jnp.any((counts <= 0) & ~done[:, None]), _grouped_relocate,
-        lambda *a: (a[-2], a[-1]), x, w, gid, labels, dist, sums, counts)
-    new = jnp.where(counts[..., None] > 0,
-                    sums / jnp.where(counts > 0, counts, 1.0)[..., None], c)
-    changed = jax.ops.segment_max(((labels != prev) & valid).astype(jnp.int32), gid,
-                                  num_segments=g) > 0
-    shift = jnp.sum((new - c) ** 2, axis=(1, 2))
-    new = jnp.where(done[:, None, None], c, new)       # a stopped group stays frozen
-    return (it + (~done).astype(jnp.int32), new, labels,
-            done | ~changed | (shift <= tol_abs))
-
-  done0 = n_g <= 0
-  init = (jnp.zeros((g,), jnp.int32), c0, jnp.full(w.shape, -1, jnp.int32), done0)
-  it, c, _, done = jax.lax.while_loop(cond, body, init)
-  labels, dist = estep(c)
-  inertia = jax.ops.segment_sum(w * dist, gid, num_segments=g)
-  return KMeansResult(c, jnp.where(valid, labels, -1), inertia, it, done & (n_g > 0))
+  # The final E-step (always: groups stop at different iterations, and the inertia of the
+  # pass is then computed alike for every group and every n_init run).
+  st, labels = stats(s.centroids, None)
+  return KMeansResult(s.centroids, jnp.where(valid, labels, -1), st.inertia, s.iterations,
+                      s.done & (n_g > 0))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -991,27 +1217,57 @@ def grouped_kmeans(points, group_ids, num_groups: int, k: int, *, key, mask=None
       raise ValueError(f"grouped_kmeans: `init` array has shape {init_arr.shape}, expected "
                        f"[G, k, D] = {(num_groups, k, d)}")
     init_mode, n_init = "array", 1
-  gid = jnp.asarray(group_ids, jnp.int32)
-  in_range = (gid >= 0) & (gid < num_groups)
-  m = in_range if mask is None else in_range & jnp.asarray(mask, bool)
-  w = _effective_weights(n, m, weights)
+  gid, w = _group_weights(points, group_ids, mask, weights, num_groups)
   return _grouped_jit(
-      points, w, jnp.clip(gid, 0, num_groups - 1), key, init_arr, jnp.float32(tol),
+      points, w, gid, key, init_arr, jnp.float32(tol),
       num_groups=int(num_groups), k=int(k), init_mode=init_mode, n_init=int(n_init),
       max_iter=int(max_iter), cosine=bool(cosine),
       n_local_trials=_n_local_trials(k, n_local_trials))
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset scale: pure per-chunk kernels and host-side drivers.
+# Dataset scale: pure per-chunk kernels (the streamed / sharded statistics functions).
+
+
+def _gather_candidates(far: Farthest, axis_name) -> Farthest:
+  """All devices' candidates along `axis_name`, in device order, then the top r of them.
+
+  An all-gather written as a `psum` of one-slot buffers (adding zeros is exact), so the result
+  is replicated (invariant) like the psum-ed sums, and `shard_map` can return it with P().
+  """
+  n = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
+
+  def gather(a, axis):
+    buf = jnp.zeros((n,) + a.shape, a.dtype).at[me].set(a)
+    g = jnp.moveaxis(jax.lax.psum(buf, axis_name), 0, a.ndim + axis)
+    shape = list(a.shape)
+    shape[axis] *= n
+    return g.reshape(shape)
+
+  both = Farthest(gather(far.dist, -1), gather(far.points, -2), gather(far.weights, -1),
+                  gather(far.labels, -1))
+  return _top_farthest(both, far.dist.shape[-1])
+
+
+def _finish_statistics(stats: LloydStats, farthest: int, axis_name):
+  """psum over `axis_name`; the 3-tuple without `farthest`, else a concrete LloydStats."""
+  if not farthest:
+    out = (stats.sums, stats.counts, stats.inertia)
+    return out if axis_name is None else jax.lax.psum(out, axis_name)
+  stats = stats._replace(farthest=stats.farthest())
+  if axis_name is None:
+    return stats
+  sums, counts, inertia = jax.lax.psum((stats.sums, stats.counts, stats.inertia), axis_name)
+  return LloydStats(sums, counts, inertia, _gather_candidates(stats.farthest, axis_name))
 
 
 def lloyd_statistics(points, mask, centroids, *, weights=None, cosine: bool = False,
-                     axis_name=None, chunk_size: Optional[int] = None):
+                     axis_name=None, chunk_size: Optional[int] = None, farthest: int = 0):
   """Sufficient statistics of one Lloyd step on a chunk of points.
 
-  A full Lloyd pass over a dataset split into chunks is the sum of the chunks' statistics,
-  followed by `centroids = sums / counts`:
+  A full Lloyd pass over a dataset split into chunks is the sum of the chunks' statistics
+  (`combine_statistics`), followed by the driver's update (`lloyd`):
 
   .. math::
 
@@ -1020,7 +1276,8 @@ def lloyd_statistics(points, mask, centroids, *, weights=None, cosine: bool = Fa
     a_i = \\arg\\min_j \\lVert x_i - c_j \\rVert.
 
   Pure and free of host callbacks, so it runs inside `jax.jit`, `jax.vmap` and
-  `jax.shard_map`; pass `axis_name` to `psum` the statistics over a mapped axis.
+  `jax.shard_map`; pass `axis_name` to `psum` the statistics over a mapped axis (the farthest
+  candidates are gathered over it and reduced to the top `farthest`).
 
   Args:
     points: [n, D] float chunk.
@@ -1030,10 +1287,13 @@ def lloyd_statistics(points, mask, centroids, *, weights=None, cosine: bool = Fa
     cosine: L2-normalise the points first.
     axis_name: optional mapped axis name (or tuple) to `psum` over (shard_map / pmap).
     chunk_size: process the rows in cache-sized blocks of this many rows (see `kmeans`).
+    farthest: r > 0: also return the r valid points farthest from their centroid (the
+      empty-cluster candidates; the driver needs r = k).
 
   Returns:
     (sums [k, D] float32, counts [k] float32 (sums of weights), inertia float32 scalar) — the
-    inertia is measured against the *given* centroids.
+    inertia is measured against the *given* centroids; with `farthest`, a
+    `LloydStats(sums, counts, inertia, Farthest)`.
 
   Example (data-parallel Lloyd step over a 1-d mesh):
     >>> step = jax.shard_map(
@@ -1042,48 +1302,27 @@ def lloyd_statistics(points, mask, centroids, *, weights=None, cosine: bool = Fa
     >>> sums, counts, _ = step(x, m, c); c = sums / counts[:, None]
   """
   w = _effective_weights(points.shape[0], mask, weights)
-  p = _pass(points, w, jnp.asarray(centroids, jnp.float32), chunk=chunk_size, cosine=cosine)
-  out = (p.sums, p.counts, p.inertia)
-  if axis_name is not None:
-    out = jax.lax.psum(out, axis_name)
-  return out
+  stats, _ = _pass_statistics(points, w, jnp.asarray(centroids, jnp.float32),
+                              chunk=chunk_size, cosine=cosine, num_farthest=farthest)
+  return _finish_statistics(stats, farthest, axis_name)
 
 
 def grouped_lloyd_statistics(points, group_ids, mask, centroids, *, weights=None,
-                             cosine: bool = False, axis_name=None):
+                             cosine: bool = False, axis_name=None, farthest: int = 0):
   """`lloyd_statistics` for grouped k-means (centroids [G, k, D]).
 
   Returns:
-    (sums [G, k, D], counts [G, k], inertia [G]), `psum`-ed over `axis_name` if given.
+    (sums [G, k, D], counts [G, k], inertia [G]), `psum`-ed over `axis_name` if given; with
+    `farthest` = r > 0 a `LloydStats` whose `Farthest` holds r candidates per group.
   """
-  g, k, _ = centroids.shape
-  gid = jnp.asarray(group_ids, jnp.int32)
-  in_range = (gid >= 0) & (gid < g)
-  m = in_range if mask is None else in_range & jnp.asarray(mask, bool)
-  gid = jnp.clip(gid, 0, g - 1)
-  w = _effective_weights(points.shape[0], m, weights)
+  g = centroids.shape[0]
+  gid, w = _group_weights(points, group_ids, mask, weights, g)
   x = points.astype(jnp.float32)
   if cosine:
     x = l2_normalize(x)
-  x_sq = jnp.sum(x * x, axis=-1)
-  d = _own_group_dists(x, x_sq, gid, jnp.asarray(centroids, jnp.float32))
-  labels = jnp.argmin(d, axis=1)
-  sums, counts = _cluster_sums(x, w, gid * k + labels, g * k)
-  inertia = jax.ops.segment_sum(w * jnp.min(d, axis=1), gid, num_segments=g)
-  out = (sums.reshape(g, k, -1), counts.reshape(g, k), inertia)
-  if axis_name is not None:
-    out = jax.lax.psum(out, axis_name)
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("cosine", "chunk"))
-def _block_pass(x, w, centroids, prev_labels, *, cosine, chunk):
-  """Jitted per-block Lloyd statistics + labels (host drivers call this once per block)."""
-  p = _pass(x, w, centroids, chunk=chunk, cosine=cosine)
-  valid = w > 0
-  labels = jnp.where(valid, p.labels, -1)
-  changed = jnp.sum((labels != prev_labels) & valid)
-  return p.sums, p.counts, p.inertia, labels, jnp.where(valid, p.dist, 0.0), changed
+  stats, _ = _grouped_pass(x, jnp.sum(x * x, axis=-1), w, gid,
+                           jnp.asarray(centroids, jnp.float32), farthest)
+  return _finish_statistics(stats, farthest, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("cosine", "chunk"))
@@ -1157,317 +1396,75 @@ def assign(points, centroids, *, mask=None, chunk_size: Optional[int] = None,
                        chunk=chunk_size)
 
 
+
+@jax.jit
+def _grouped_assign(x, gid, w, centroids):
+  x = x.astype(jnp.float32)
+  d = _own_group_dists(x, jnp.sum(x * x, axis=-1), gid, centroids.astype(jnp.float32))
+  return jnp.where(w > 0, jnp.argmin(d, axis=1).astype(jnp.int32), -1)
+
+
+def grouped_assign(points, group_ids, centroids, *, mask=None) -> jax.Array:
+  """Nearest centroid of each point among the centroids of its own group.
+
+  The final E-step of `grouped_kmeans`: :math:`a_i = \\arg\\min_j \\lVert x_i - c_{g_i j}
+  \\rVert^2`, computed as one matmul against all G*k centroids plus a gather.
+
+  Args:
+    points: [N, D] float (already L2-normalised for cosine k-means).
+    group_ids: [N] int in [0, G); ids outside the range act as masked.
+    centroids: [G, k, D] float.
+    mask: optional [N] bool; masked points get -1.
+
+  Returns:
+    [N] int32 cluster index within the point's group, -1 where masked.
+
+  Example:
+    >>> c = jnp.array([[[0.0], [1.0]], [[5.0], [9.0]]])          # G=2, k=2, D=1
+    >>> grouped_assign(jnp.array([[0.9], [0.9]]), jnp.array([0, 1]), c)
+    Array([1, 0], dtype=int32)
+  """
+  _check_points(points, "points", 2)
+  n, d = points.shape
+  c = jnp.asarray(centroids)
+  if c.ndim != 3 or c.shape[2] != d:
+    raise ValueError(f"grouped_assign: `centroids` has shape {c.shape}, expected [G, k, {d}]")
+  if jnp.shape(group_ids) != (n,):
+    raise ValueError(f"grouped_assign: `group_ids` has shape {jnp.shape(group_ids)}, "
+                     f"expected ({n},)")
+  if mask is not None and jnp.shape(mask) != (n,):
+    raise ValueError(f"grouped_assign: `mask` has shape {jnp.shape(mask)}, expected ({n},)")
+  gid, w = _group_weights(points, group_ids, mask, None, c.shape[0])
+  return _grouped_assign(points, gid, w, c)
+
+
 def sample_indices(n: int, sample_size: int, *, key, mask=None) -> np.ndarray:
-  """Sorted indices of a uniform random subset (without replacement) of the valid points.
+  """A uniform random sample without replacement of the valid points (dataset-level fits).
+
+  The `s = min(sample_size, n_valid)` valid points with the largest priorities
+  `jax.random.uniform(key, (n,))`, in decreasing priority (the `jax.lax.top_k` order; ties:
+  lower index first). This is the draw of the masks stage (`dataset_fit_patches`), whose
+  streamed version draws the same priorities chunk by chunk with `sharding.uniform_slice`.
 
   Args:
     n: number of points.
-    sample_size: subset size (clipped to the number of valid points).
-    key: PRNG key; the subset is a deterministic function of key, n and mask.
+    sample_size: sample size (clipped to the number of valid points).
+    key: PRNG key; the sample is a deterministic function of key, n and mask.
     mask: optional [n] bool; only True points are drawn.
 
   Returns:
-    [min(sample_size, n_valid)] int64 NumPy array, increasing.
-  """
-  prio = np.asarray(jax.random.uniform(key, (n,)))
-  if mask is not None:
-    prio = np.where(np.asarray(mask, bool), prio, np.inf)
-  n_valid = int(np.isfinite(prio).sum())
-  s = min(int(sample_size), n_valid)
-  if s <= 0:
-    raise ValueError("sample_indices: no valid point to sample from")
-  idx = np.argpartition(prio, s - 1)[:s] if s < n else np.arange(n)
-  return np.sort(idx[np.isfinite(prio[idx])])
-
-
-def _reseed_from_sample(centroids, counts, sample, s_sq):
-  """Empty clusters take the sample points farthest from their nearest centroid."""
-  _, dist = _estep(sample, s_sq, centroids)
-  empty = np.flatnonzero(np.asarray(counts) <= 0)
-  far = np.argsort(-np.asarray(dist))[:len(empty)]
-  return centroids.at[jnp.asarray(empty[:len(far)])].set(sample[jnp.asarray(far)])
-
-
-def _stream_lloyd(make_blocks, centroids, *, epochs: int, tol_abs: float, cosine: bool,
-                  chunk: Optional[int], sample, sample_sq, method: str = "lloyd"):
-  """Lloyd (or mini-batch) epochs over a re-iterable stream of (x, w) blocks on the host.
-
-  Returns (centroids, info) with info = dict(epochs, shifts, inertia, converged).
-  """
-  k = centroids.shape[0]
-  prev = {}
-  shifts, inertias = [], []
-  running = jnp.zeros((k,), jnp.float32)
-  converged = False
-  epoch = 0
-  for epoch in range(1, epochs + 1):
-    sums = jnp.zeros_like(centroids)
-    counts = jnp.zeros((k,), jnp.float32)
-    inertia = jnp.float32(0)
-    changed = 0
-    new = centroids
-    for b, (x, w, _) in enumerate(make_blocks()):
-      p_lab = prev.get(b)
-      if p_lab is None or p_lab.shape[0] != x.shape[0]:
-        p_lab = jnp.full((x.shape[0],), -2, jnp.int32)
-      cur = centroids if method == "lloyd" else new
-      s, c, j, labels, _, ch = _block_pass(x, w, cur, p_lab, cosine=cosine, chunk=chunk)
-      prev[b] = labels
-      changed = changed + ch
-      inertia = inertia + j
-      if method == "lloyd":
-        sums, counts = sums + s, counts + c
-      else:
-        # Sculley's update with per-centre learning rate 1 / (points seen so far).
-        running = running + c
-        step = jnp.where(running > 0, 1.0 / jnp.maximum(running, 1e-30), 0.0)
-        new = new + step[:, None] * (s - c[:, None] * new)
-    if method == "lloyd":
-      new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1e-30)[:, None],
-                      centroids)
-      if bool(jnp.any(counts <= 0)) and sample is not None:
-        new = _reseed_from_sample(new, counts, sample, sample_sq)
-    shift = float(jnp.sum((new - centroids) ** 2))
-    shifts.append(shift)
-    inertias.append(float(inertia))
-    centroids = new
-    if method == "lloyd" and (int(changed) == 0 or shift <= tol_abs):
-      converged = True
-      break
-  return centroids, dict(epochs=epoch, shifts=shifts, inertia=inertias, converged=converged)
-
-
-def _array_blocks(points, mask, weights, block: int):
-  """A zero-argument callable streaming an [N, D] array as (x, w, dup) blocks."""
-  if isinstance(points, np.ndarray):
-    return lambda: _host_blocks(points, mask, weights, block)
-  n = points.shape[0]
-  w_all = _effective_weights(n, mask, weights)
-  block = min(block, n)
-
-  def gen():
-    for s in range(0, n, block):
-      e = min(s + block, n)
-      start = e - block
-      w = w_all[start:e]
-      yield points[start:e], jnp.where(jnp.arange(block) >= s - start, w, 0.0), s - start
-  return gen
-
-
-def kmeans_on_sample(points, k: int, *, key, sample_size: int = 100_000, mask=None,
-                     weights=None, refine_iters: int = 0, chunk_size: int = 4096,
-                     block_size: int = 1 << 18, return_info: bool = False,
-                     **kmeans_kwargs) -> KMeansResult:
-  """k-means fitted on a uniform random sample, then every point assigned (dataset level).
-
-  METHOD.md step 4 with `dataset_fit_patches`: the centroids are those of `kmeans` on
-  `sample_size` valid points drawn uniformly without replacement; optionally refined by
-  `refine_iters` exact Lloyd passes over all points; then all N points are assigned. A host
-  NumPy array is streamed in blocks of `block_size` rows (never copied whole to the device;
-  on CPU an aligned array is not copied at all); memory beyond the data is O(block + N ints).
-
-  Args:
-    points: [N, D] float (NumPy or jax array).
-    k: number of clusters.
-    key: PRNG key (split into a sampling key and a fitting key).
-    sample_size: number of points the centroids are fitted on (>= N means all points).
-    mask: optional [N] bool validity.
-    weights: optional [N] weights (used in the fit and in the reported inertia).
-    refine_iters: full-data Lloyd iterations after the sample fit (stopping rule as `kmeans`,
-      tolerance scaled by the variance of the sample).
-    chunk_size: rows per cache-sized block inside a pass.
-    block_size: rows per host block.
-    return_info: also return dict(sample_iterations, refine_epochs, refine_shifts).
-    **kmeans_kwargs: forwarded to `kmeans` on the sample (init, n_init, max_iter, tol,
-      cosine, n_local_trials).
-
-  Returns:
-    KMeansResult: centroids [k, D], assignment [N] (every point), inertia over all N valid
-    points w.r.t. the returned centroids, iterations (sample fit + refinement passes),
-    converged (of the last stage run); or (result, info) with `return_info`.
-  """
-  _check_points(points, "points", 2)
-  n = points.shape[0]
-  cosine = bool(kmeans_kwargs.get("cosine", False))
-  k_sample, k_fit = jax.random.split(key)
-  idx = sample_indices(n, sample_size, key=k_sample, mask=mask)
-  if isinstance(points, np.ndarray):
-    sample = points[idx]
-  else:
-    sample = jnp.take(points, jnp.asarray(idx), axis=0)
-  w_sample = None if weights is None else np.asarray(weights)[idx]
-  fit = kmeans(sample, k, key=k_fit, weights=w_sample, chunk_size=chunk_size, **kmeans_kwargs)
-  centroids, iterations, converged = fit.centroids, fit.iterations, fit.converged
-  make_blocks = _array_blocks(points, mask, weights, block_size)
-  info = dict(sample_iterations=int(fit.iterations), refine_epochs=0, refine_shifts=[])
-  if refine_iters > 0:
-    s = jnp.asarray(sample, jnp.float32)
-    s = l2_normalize(s) if cosine else s
-    s_sq = jnp.sum(s * s, -1)
-    tol_abs = float(_tolerance(s, s_sq, jnp.ones(s_sq.shape, bool),
-                               kmeans_kwargs.get("tol", 1e-4)))
-    centroids, info = _stream_lloyd(make_blocks, centroids, epochs=int(refine_iters),
-                                    tol_abs=tol_abs, cosine=cosine, chunk=chunk_size,
-                                    sample=s, sample_sq=s_sq)
-    iterations = iterations + info["epochs"]
-    converged = jnp.asarray(info["converged"])
-    info = dict(sample_iterations=int(fit.iterations), refine_epochs=info["epochs"],
-                refine_shifts=info["shifts"])
-  labels, inertia = [], jnp.float32(0)
-  for x, w, dup in make_blocks():
-    a, d = _block_assign(x, w, centroids, cosine=cosine, chunk=chunk_size)
-    labels.append(a[dup:])
-    inertia = inertia + jnp.sum(w * d)
-  res = KMeansResult(centroids, jnp.concatenate(labels)[:n], inertia,
-                     jnp.asarray(iterations, jnp.int32), jnp.asarray(converged))
-  return (res, info) if return_info else res
-
-
-def _as_batch(item):
-  """A stream item -> (points [n, D], w [n] float32 with 0 for masked rows)."""
-  if isinstance(item, (tuple, list)):
-    if len(item) != 2:
-      raise ValueError("fit_streaming: a batch must be `points` or `(points, mask)`, got a "
-                       f"{len(item)}-tuple")
-    x, m = item
-    m = None if m is None else np.asarray(m, bool)
-  else:
-    x, m = item, None
-  if getattr(x, "ndim", None) != 2:
-    raise ValueError(f"fit_streaming: batch points must be [n, D], got shape "
-                     f"{getattr(x, 'shape', None)}")
-  n = x.shape[0]
-  if m is not None and m.shape != (n,):
-    raise ValueError(f"fit_streaming: batch mask has shape {m.shape}, expected ({n},)")
-  w = np.ones((n,), np.float32) if m is None else m.astype(np.float32)
-  return x, w
-
-
-def _bucket(n: int, minimum: int = 1024) -> int:
-  """Padded batch length: next power of two (bounded number of compiled shapes)."""
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _pad_batch(x, w, size: int):
-  if x.shape[0] == size:
-    return x, w
-  pad = size - x.shape[0]
-  xp = np if isinstance(x, np.ndarray) else jnp
-  return (xp.concatenate([x, xp.zeros((pad, x.shape[1]), x.dtype)]),
-          np.concatenate([np.asarray(w), np.zeros((pad,), np.float32)]))
-
-
-def fit_streaming(batches, k: int, *, key, init: Init = "k-means++",
-                  init_sample_size: int = 65_536, epochs: int = 10, tol: float = 1e-4,
-                  cosine: bool = False, method: str = "lloyd", chunk_size: int = 4096,
-                  block_size: int = 1 << 18, n_init: int = 1, sample_max_iter: int = 100,
-                  return_info: bool = False, init_sample: Optional[int] = None,
-                  max_iter: Optional[int] = None):
-  """k-means over data that need not fit in memory at once (dataset level).
-
-  1. Seeding: a uniform sample of `init_sample_size` valid points (reservoir sampling over one
-     pass of the stream, or direct sampling for an array) is clustered with `kmeans`
-     (k-means++ + Lloyd on the sample); or `init` is an array [k, D] (no sampling pass).
-  2. `method="lloyd"` (default, exact): each epoch is one full Lloyd step over the stream,
-     summing `lloyd_statistics` of every batch, then `c_j = S_j / n_j`. This is exactly
-     Lloyd's algorithm on the concatenated data, whatever the batching. An empty cluster is
-     re-seeded with the sample point farthest from its centroid. Stops after `epochs` passes,
-     when no label changed, or when the squared centroid shift <= tol * mean_d Var(x_d)
-     (variance of the sample). `method="minibatch"`: Sculley's per-batch update
-     `c_j += (S_j - n_j c_j) / N_j` with running counts N_j, for `epochs` passes.
-
-  Args:
-    batches: the data: an [N, D] array (NumPy or jax; streamed in `block_size` blocks), a
-      sequence of batches, or a zero-argument callable returning a fresh iterable of batches
-      (needed for several passes over a generator). A batch is `points [n, D]` or
-      `(points, mask [n])`; batches are zero-padded to power-of-two lengths (few compiles).
-    k: number of clusters.
-    key: PRNG key.
-    init: "k-means++" / "random" (seeding on the sample) or an array [k, D].
-    init_sample_size: size of the seeding sample.
-    epochs: passes over the data (Lloyd steps, or mini-batch epochs).
-    tol: relative tolerance of the stopping rule (Lloyd only).
-    cosine: L2-normalise the points (per block, on the fly).
-    method: "lloyd" or "minibatch".
-    chunk_size: rows per cache-sized block inside a pass.
-    block_size: rows per host block when `batches` is an array.
-    n_init: seedings on the sample (best inertia on the sample kept).
-    sample_max_iter: Lloyd iterations on the sample during seeding.
-    return_info: also return dict(epochs, shifts, inertia, converged); inertia[e] is the
-      inertia of the data w.r.t. the centroids *before* epoch e's update.
-    init_sample: alias of `init_sample_size`; max_iter: alias of `epochs`.
-
-  Returns:
-    centroids [k, D] float32 (jax array), or (centroids, info) if `return_info`.
+    [s] int32 NumPy array of distinct indices.
 
   Example:
-    >>> x = np.random.default_rng(0).normal(size=(10_000, 16)).astype(np.float32)
-    >>> c = fit_streaming(x, 4, key=jax.random.key(0), block_size=2048, epochs=5)
-    >>> c.shape
-    (4, 16)
+    >>> sample_indices(10, 3, key=jax.random.key(0)).shape
+    (3,)
   """
-  if method not in ("lloyd", "minibatch"):
-    raise ValueError(f"fit_streaming: unknown method {method!r}; expected 'lloyd' or "
-                     "'minibatch'")
-  if init_sample is not None:
-    init_sample_size = int(init_sample)
-  if max_iter is not None:
-    epochs = int(max_iter)
-  is_array = isinstance(batches, (np.ndarray, jax.Array))
-  if is_array:
-    if batches.ndim != 2:
-      raise ValueError(f"fit_streaming: array input must be [N, D], got shape {batches.shape}")
-    make_blocks = _array_blocks(batches, None, None, block_size)
-  else:
-    if callable(batches):
-      make_iter = batches
-    elif iter(batches) is batches:
-      raise ValueError("fit_streaming: `batches` is a one-shot iterator; pass a list or a "
-                       "zero-argument callable returning a fresh iterator (several passes "
-                       "are needed)")
-    else:
-      make_iter = lambda: iter(batches)
-
-    def make_blocks():
-      for item in make_iter():
-        x, w = _as_batch(item)
-        yield _pad_batch(x, w, _bucket(x.shape[0])) + (0,)
-
-  k_sample, k_fit = jax.random.split(key)
-  sample = None
-  if is_array:
-    idx = sample_indices(batches.shape[0], init_sample_size, key=k_sample)
-    sample = batches[idx] if isinstance(batches, np.ndarray) else batches[jnp.asarray(idx)]
-  else:
-    # Reservoir: keep the valid points with the smallest random priorities seen so far.
-    keep_x, keep_p = None, None
-    for b, item in enumerate(make_iter()):
-      x, w = _as_batch(item)
-      x = np.asarray(x)
-      p = np.asarray(jax.random.uniform(jax.random.fold_in(k_sample, b), (x.shape[0],)))
-      x, p = x[w > 0], p[w > 0]
-      if keep_x is not None:
-        x, p = np.concatenate([keep_x, x]), np.concatenate([keep_p, p])
-      if x.shape[0] > init_sample_size:
-        sel = np.argpartition(p, init_sample_size - 1)[:init_sample_size]
-        x, p = x[sel], p[sel]
-      keep_x, keep_p = x, p
-    if keep_x is None:
-      raise ValueError("fit_streaming: the stream is empty")
-    sample = keep_x
-  if sample.shape[0] < k:
-    raise ValueError(f"fit_streaming: only {sample.shape[0]} valid points for k={k}")
-  sample_j = jnp.asarray(sample, jnp.float32)
-  if cosine:
-    sample_j = l2_normalize(sample_j)
-  if isinstance(init, str):
-    centroids = kmeans(sample_j, k, key=k_fit, init=init, n_init=n_init,
-                       max_iter=sample_max_iter, tol=tol, chunk_size=chunk_size).centroids
-  else:
-    centroids = _resolve_init(init, k, sample_j.shape[1])[1]
-  s_sq = jnp.sum(sample_j * sample_j, -1)
-  tol_abs = float(_tolerance(sample_j, s_sq, jnp.ones(s_sq.shape, bool), tol))
-  centroids, info = _stream_lloyd(make_blocks, centroids, epochs=int(epochs), tol_abs=tol_abs,
-                                  cosine=cosine, chunk=chunk_size, sample=sample_j,
-                                  sample_sq=s_sq, method=method)
-  return (centroids, info) if return_info else centroids
+  prio = jax.random.uniform(key, (n,))
+  if mask is not None:
+    if np.shape(mask) != (n,):
+      raise ValueError(f"sample_indices: `mask` has shape {np.shape(mask)}, expected ({n},)")
+    prio = jnp.where(jnp.asarray(mask, bool), prio, -1.0)
+  s = min(int(sample_size), n if mask is None else int(np.sum(np.asarray(mask, bool))))
+  if s <= 0:
+    raise ValueError("sample_indices: no valid point to sample from")
+  return np.asarray(jax.lax.top_k(prio, s)[1])

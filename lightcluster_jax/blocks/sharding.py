@@ -12,14 +12,16 @@ Two kinds of work, two kinds of parallelism:
   sums over every patch of every image. A chunk of patches is split over the local devices
   and `jax.shard_map` runs `kmeans.lloyd_statistics` / `grouped_lloyd_statistics` on every
   shard with a `psum` over "data"; chunk results are accumulated on the host in float64 and
-  `host_sum` adds the hosts' totals (a fixed-order sum of an all-gather). So one Lloyd
-  iteration over N patches is
+  the hosts' totals are combined in process order (a fixed-order fold of an all-gather). So
+  one Lloyd iteration over N patches is
 
   .. math:: S_j = \\sum_{h} \\sum_{c \\in h} \\mathrm{psum}_{d}\\, S_j^{(h, c, d)}, \\quad
             n_j = \\ldots, \\quad c_j \\leftarrow S_j / n_j,
 
-  exactly Lloyd's algorithm on the concatenated data (up to float summation order), while
-  no device ever holds more than one chunk of Keys.
+  run by `kmeans.lloyd`, the driver of the in-memory paths (same empty-cluster rule: every
+  chunk, device and host contributes its k farthest points, merged by one more top-k; same
+  stopping rule): exactly Lloyd's algorithm on the concatenated data (up to float summation
+  order), while no device ever holds more than one chunk of Keys.
 
 Multi-host: call `initialize(coordinator, num_processes, process_id)` first in every process
 (on CPU it switches the collectives to gloo), then every process runs the same program on
@@ -36,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Iterable, Optional, Sequence
 
 import jax
@@ -49,8 +50,9 @@ from lightcluster_jax.blocks import kmeans as _km
 __all__ = [
     "AXIS", "initialize", "process_index", "process_count", "data_mesh", "local_mesh",
     "mesh_size", "host_shard", "host_shard_bounds", "pad_to_multiple", "data_parallel",
-    "host_sum", "host_gather", "host_max", "sharded_lloyd_statistics", "sharded_grouped_lloyd_statistics", "streamed_lloyd",
-    "streamed_grouped_lloyd", "uniform_slice",
+    "host_sum", "host_gather", "host_max", "sharded_lloyd_statistics",
+    "sharded_grouped_lloyd_statistics", "streamed_lloyd", "streamed_grouped_lloyd",
+    "uniform_slice",
 ]
 
 AXIS = "data"
@@ -274,19 +276,20 @@ def _data_parallel(fn, mesh, batch_argnums, compiler_options):
 
 
 @functools.lru_cache(maxsize=32)
-def _stats_fn(mesh: Mesh, cosine: bool):
+def _stats_fn(mesh: Mesh, cosine: bool, farthest: int):
   def local(x, m, c):
-    return _km.lloyd_statistics(x, m, c, cosine=cosine, axis_name=AXIS)
+    return _km.lloyd_statistics(x, m, c, cosine=cosine, axis_name=AXIS, farthest=farthest)
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
-                               out_specs=(P(), P(), P())))
+                               out_specs=P()))
 
 
 @functools.lru_cache(maxsize=32)
-def _grouped_stats_fn(mesh: Mesh, cosine: bool):
+def _grouped_stats_fn(mesh: Mesh, cosine: bool, farthest: int):
   def local(x, g, m, c):
-    return _km.grouped_lloyd_statistics(x, g, m, c, cosine=cosine, axis_name=AXIS)
+    return _km.grouped_lloyd_statistics(x, g, m, c, cosine=cosine, axis_name=AXIS,
+                                        farthest=farthest)
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS), P()),
-                               out_specs=(P(), P(), P())))
+                               out_specs=P()))
 
 
 def _shard_rows(mesh, *arrays):
@@ -300,7 +303,7 @@ def _shard_rows(mesh, *arrays):
 
 
 def sharded_lloyd_statistics(points, mask, centroids, *, mesh: Optional[Mesh] = None,
-                             cosine: bool = False):
+                             cosine: bool = False, farthest: int = 0):
   """`kmeans.lloyd_statistics` of one chunk, rows split over `mesh`, `psum` over "data".
 
   Args:
@@ -309,65 +312,86 @@ def sharded_lloyd_statistics(points, mask, centroids, *, mesh: Optional[Mesh] = 
     centroids: [k, D] float32 (replicated).
     mesh: 1-D "data" mesh (default `local_mesh()`).
     cosine: L2-normalise the points first.
+    farthest: r > 0: also the chunk's r farthest valid points (the empty-cluster candidates,
+      gathered over the devices).
 
   Returns:
-    (sums [k, D], counts [k], inertia scalar) — the statistics of the whole chunk.
+    (sums [k, D], counts [k], inertia scalar) — the statistics of the whole chunk; with
+    `farthest`, a `kmeans.LloydStats`.
   """
   mesh = local_mesh() if mesh is None else mesh
   x, m = _shard_rows(mesh, points, np.asarray(mask, bool))
-  return _stats_fn(mesh, bool(cosine))(x, m, jnp.asarray(centroids, jnp.float32))
+  return _stats_fn(mesh, bool(cosine), int(farthest))(x, m, jnp.asarray(centroids, jnp.float32))
 
 
 def sharded_grouped_lloyd_statistics(points, group_ids, mask, centroids, *,
-                                     mesh: Optional[Mesh] = None, cosine: bool = False):
+                                     mesh: Optional[Mesh] = None, cosine: bool = False,
+                                     farthest: int = 0):
   """`kmeans.grouped_lloyd_statistics` of one chunk over `mesh` (centroids [G, k, D]).
 
   Returns:
-    (sums [G, k, D], counts [G, k], inertia [G]).
+    (sums [G, k, D], counts [G, k], inertia [G]); with `farthest`, a `kmeans.LloydStats`.
   """
   mesh = local_mesh() if mesh is None else mesh
   x, g, m = _shard_rows(mesh, points, np.asarray(group_ids, np.int32),
                         np.asarray(mask, bool))
-  return _grouped_stats_fn(mesh, bool(cosine))(x, g, m, jnp.asarray(centroids, jnp.float32))
+  return _grouped_stats_fn(mesh, bool(cosine), int(farthest))(
+      x, g, m, jnp.asarray(centroids, jnp.float32))
 
 
-def _lloyd_loop(stats_of_chunk, make_chunks, centroids, *, max_iter: int, tol_abs):
-  """Shared driver: exact Lloyd iterations; stats summed over chunks (f64) and hosts."""
-  c = np.asarray(centroids, np.float32)
+def _to_host(tree):
+  """Device statistics -> NumPy, floats in float64 (the host accumulators)."""
+  def one(a):
+    a = np.asarray(a)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
+  return jax.tree_util.tree_map(one, tree)
+
+
+def _combine_over_hosts(stats):
+  """`kmeans.combine_statistics` over processes, in process order (lock-step)."""
+  if jax.process_count() == 1:
+    return stats
+  gathered = jax.tree_util.tree_map(host_gather, stats)
+  out = jax.tree_util.tree_map(lambda a: a[0], gathered)
+  for h in range(1, jax.process_count()):
+    out = _km.combine_statistics(out, jax.tree_util.tree_map(lambda a: a[h], gathered))
+  return out
+
+
+def _streamed(stats_of_chunk, make_chunks, centroids, *, max_iter: int, tol_abs):
+  """`kmeans.lloyd` (Python loop) with statistics summed over chunks (f64) and hosts."""
+  c0 = np.asarray(centroids, np.float32)
   info = dict(iterations=0, shifts=[], inertia=[], converged=False)
-  tol_abs = np.asarray(tol_abs, np.float64)
-  for it in range(int(max_iter)):
-    sums = np.zeros(c.shape, np.float64)
-    counts = np.zeros(c.shape[:-1], np.float64)
-    inertia = np.zeros(c.shape[:-2], np.float64)
+
+  def stats(c, aux):
+    total = _km.zero_statistics(c)
     for chunk in make_chunks():
-      s, n, j = stats_of_chunk(chunk, c)
-      sums += np.asarray(s, np.float64)
-      counts += np.asarray(n, np.float64)
-      inertia += np.asarray(j, np.float64)
-    sums, counts, inertia = host_sum((sums, counts, inertia))
-    new = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1e-30)[..., None],
-                   c).astype(np.float32)
-    shift = np.sum((new.astype(np.float64) - c) ** 2, axis=-1).sum(axis=-1)
-    info["shifts"].append(shift.tolist())
-    info["inertia"].append(inertia.tolist())
-    info["iterations"] = it + 1
-    c = new
-    if np.all(shift <= tol_abs):
-      info["converged"] = True
-      break
-  return c, info
+      total = _km.combine_statistics(total, _to_host(stats_of_chunk(chunk, c)))
+    return _combine_over_hosts(total), aux
+
+  def record(s):
+    info["shifts"].append(s.shift.tolist())
+    info["inertia"].append(s.inertia.tolist())
+
+  s = _km.lloyd(stats, c0, tol_abs=np.asarray(tol_abs, np.float64), max_iter=int(max_iter),
+                python_loop=True, callback=record)
+  info.update(iterations=len(info["shifts"]), converged=bool(np.all(s.done)))
+  return s.centroids, info
 
 
 def streamed_lloyd(make_chunks: Callable[[], Iterable], centroids, *, max_iter: int = 20,
                    tol_abs: float = 0.0, mesh: Optional[Mesh] = None, cosine: bool = False):
   """Exact Lloyd iterations over a re-iterable stream of chunks, sharded and multi-host.
 
-  Each iteration sums `sharded_lloyd_statistics` of every chunk of this host (float64 on the
-  host), adds the hosts' sums (`host_sum`, lock-step: every host must run the same number of
-  iterations, which holds because all hosts see the same totals), then sets
-  `c_j = S_j / n_j` (an empty cluster keeps its centroid). Stops when the total squared
-  centroid shift <= `tol_abs` or after `max_iter` iterations.
+  The driver is `kmeans.lloyd` (the in-memory paths' update, empty-cluster rule and stopping
+  rule), run as a Python loop whose pass sums `sharded_lloyd_statistics` of every chunk of
+  this host (float64 on the host) and combines the hosts' sums in process order (lock-step:
+  every host runs the same iterations, because all hosts see the same totals). An empty
+  cluster takes the valid point farthest from its centroid over all chunks and hosts (each
+  chunk contributes its k farthest). Stops when the total squared centroid shift <=
+  `tol_abs` (0: when nothing moves, i.e. the labels no longer change) or after `max_iter`
+  iterations. From the same initial centroids this is `kmeans.kmeans(..., init=centroids)`
+  on the concatenated chunks, up to float summation order.
 
   Args:
     make_chunks: zero-argument callable returning an iterable of (points [n, D], mask [n]).
@@ -382,10 +406,12 @@ def streamed_lloyd(make_chunks: Callable[[], Iterable], centroids, *, max_iter: 
     inertia[i] is measured against the centroids before update i.
   """
   mesh = local_mesh() if mesh is None else mesh
+  k = int(np.shape(centroids)[0])
+
   def stats(chunk, c):
     x, m = chunk
-    return sharded_lloyd_statistics(x, m, c, mesh=mesh, cosine=cosine)
-  return _lloyd_loop(stats, make_chunks, centroids, max_iter=max_iter, tol_abs=tol_abs)
+    return sharded_lloyd_statistics(x, m, c, mesh=mesh, cosine=cosine, farthest=k)
+  return _streamed(stats, make_chunks, centroids, max_iter=max_iter, tol_abs=tol_abs)
 
 
 def streamed_grouped_lloyd(make_chunks: Callable[[], Iterable], centroids, *,
@@ -393,18 +419,19 @@ def streamed_grouped_lloyd(make_chunks: Callable[[], Iterable], centroids, *,
                            cosine: bool = False):
   """`streamed_lloyd` for grouped k-means: chunks are (points [n, D], group_ids [n], mask).
 
-  Centroids [G, k, D]; each group stops when its own shift <= tol_abs[g], but iterations
-  continue until every group has stopped (a stopped group's statistics are recomputed and
-  give the same centroids again up to float rounding, so it is not frozen explicitly).
+  Centroids [G, k, D]; each group stops when its own shift <= tol_abs[g] and is then frozen
+  (as in `kmeans.grouped_kmeans`); iterations continue until every group has stopped.
 
   Returns:
-    (centroids [G, k, D] float32 NumPy, info dict).
+    (centroids [G, k, D] float32 NumPy, info dict; shifts[i] / inertia[i] are per group).
   """
   mesh = local_mesh() if mesh is None else mesh
+  k = int(np.shape(centroids)[1])
+
   def stats(chunk, c):
     x, g, m = chunk
-    return sharded_grouped_lloyd_statistics(x, g, m, c, mesh=mesh, cosine=cosine)
-  return _lloyd_loop(stats, make_chunks, centroids, max_iter=max_iter, tol_abs=tol_abs)
+    return sharded_grouped_lloyd_statistics(x, g, m, c, mesh=mesh, cosine=cosine, farthest=k)
+  return _streamed(stats, make_chunks, centroids, max_iter=max_iter, tol_abs=tol_abs)
 
 
 # ----------------------------------------------------------------------------- random streams
