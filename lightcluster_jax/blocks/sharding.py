@@ -276,9 +276,10 @@ def _data_parallel(fn, mesh, batch_argnums, compiler_options):
 
 
 @functools.lru_cache(maxsize=32)
-def _stats_fn(mesh: Mesh, cosine: bool, farthest: int):
+def _stats_fn(mesh: Mesh, cosine: bool, farthest: int, chunk_size: Optional[int]):
   def local(x, m, c):
-    return _km.lloyd_statistics(x, m, c, cosine=cosine, axis_name=AXIS, farthest=farthest)
+    return _km.lloyd_statistics(x, m, c, cosine=cosine, axis_name=AXIS, farthest=farthest,
+                                chunk_size=chunk_size)
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
                                out_specs=P()))
 
@@ -303,7 +304,8 @@ def _shard_rows(mesh, *arrays):
 
 
 def sharded_lloyd_statistics(points, mask, centroids, *, mesh: Optional[Mesh] = None,
-                             cosine: bool = False, farthest: int = 0):
+                             cosine: bool = False, farthest: int = 0,
+                             chunk_size: Optional[int] = None):
   """`kmeans.lloyd_statistics` of one chunk, rows split over `mesh`, `psum` over "data".
 
   Args:
@@ -314,6 +316,9 @@ def sharded_lloyd_statistics(points, mask, centroids, *, mesh: Optional[Mesh] = 
     cosine: L2-normalise the points first.
     farthest: r > 0: also the chunk's r farthest valid points (the empty-cluster candidates,
       gathered over the devices).
+    chunk_size: every device runs its rows in cache-sized blocks of this many rows (see
+      `kmeans.lloyd_statistics`; 4096 makes a k=20 pass ~3x faster on CPU, with float sums in
+      another order).
 
   Returns:
     (sums [k, D], counts [k], inertia scalar) — the statistics of the whole chunk; with
@@ -321,7 +326,8 @@ def sharded_lloyd_statistics(points, mask, centroids, *, mesh: Optional[Mesh] = 
   """
   mesh = local_mesh() if mesh is None else mesh
   x, m = _shard_rows(mesh, points, np.asarray(mask, bool))
-  return _stats_fn(mesh, bool(cosine), int(farthest))(x, m, jnp.asarray(centroids, jnp.float32))
+  fn = _stats_fn(mesh, bool(cosine), int(farthest), None if chunk_size is None else int(chunk_size))
+  return fn(x, m, jnp.asarray(centroids, jnp.float32))
 
 
 def sharded_grouped_lloyd_statistics(points, group_ids, mask, centroids, *,
@@ -380,7 +386,8 @@ def _streamed(stats_of_chunk, make_chunks, centroids, *, max_iter: int, tol_abs)
 
 
 def streamed_lloyd(make_chunks: Callable[[], Iterable], centroids, *, max_iter: int = 20,
-                   tol_abs: float = 0.0, mesh: Optional[Mesh] = None, cosine: bool = False):
+                   tol_abs: float = 0.0, mesh: Optional[Mesh] = None, cosine: bool = False,
+                   chunk_size: Optional[int] = None):
   """Exact Lloyd iterations over a re-iterable stream of chunks, sharded and multi-host.
 
   The driver is `kmeans.lloyd` (the in-memory paths' update, empty-cluster rule and stopping
@@ -400,6 +407,7 @@ def streamed_lloyd(make_chunks: Callable[[], Iterable], centroids, *, max_iter: 
     tol_abs: absolute shift tolerance (0: stop only when nothing moves).
     mesh: "data" mesh for the chunk statistics (default `local_mesh()`).
     cosine: L2-normalise the points first.
+    chunk_size: cache-sized row blocks inside every device's pass (`sharded_lloyd_statistics`).
 
   Returns:
     (centroids [k, D] float32 NumPy, info dict(iterations, shifts, inertia, converged));
@@ -410,7 +418,8 @@ def streamed_lloyd(make_chunks: Callable[[], Iterable], centroids, *, max_iter: 
 
   def stats(chunk, c):
     x, m = chunk
-    return sharded_lloyd_statistics(x, m, c, mesh=mesh, cosine=cosine, farthest=k)
+    return sharded_lloyd_statistics(x, m, c, mesh=mesh, cosine=cosine, farthest=k,
+                                    chunk_size=chunk_size)
   return _streamed(stats, make_chunks, centroids, max_iter=max_iter, tol_abs=tol_abs)
 
 
