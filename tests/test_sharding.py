@@ -248,13 +248,15 @@ def _lloyd_case(cosine=False, empty=True):
   return x, m, c0, chunks
 
 
-@pytest.mark.parametrize("cosine,empty", [(False, False), (False, True), (True, True)])
-def test_streamed_lloyd_equals_in_memory_kmeans_driver(cosine, empty):
+@pytest.mark.parametrize("cosine,empty,chunk_size", [(False, False, None), (False, True, None),
+                                                     (True, True, None), (True, True, 64)])
+def test_streamed_lloyd_equals_in_memory_kmeans_driver(cosine, empty, chunk_size):
   """Same driver, same init: streamed chunks (float64 host sums) == `kmeans` in memory, up
   to float summation order (centroids 1e-5, identical iterations and labels)."""
   x, m, c0, chunks = _lloyd_case(cosine, empty)
   ref = km.kmeans(x, 4, key=jax.random.PRNGKey(0), init=c0, mask=m, tol=0.0, cosine=cosine)
-  got, info = sharding.streamed_lloyd(chunks, c0, max_iter=100, cosine=cosine)
+  got, info = sharding.streamed_lloyd(chunks, c0, max_iter=100, cosine=cosine,
+                                      chunk_size=chunk_size)
   assert info["converged"] and info["iterations"] == int(ref.iterations)
   np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
   a, _ = km.assign(x, got, mask=m, cosine=cosine)
