@@ -37,11 +37,12 @@ All rules leave a square grid equal to the stored one untouched (the official, H
 timm shortcut); "official" is the default of `ARCHS`, and converted files record the rule of
 the code their checkpoint came from (`weights.load` returns it in the config).
 
-Example:
-  >>> params = init_params("dino_vits16", jax.random.PRNGKey(0))
-  >>> out = apply(params, jnp.zeros((2, 224, 320, 3)), arch="dino_vits16")
-  >>> out["keys"].shape, out["cls"].shape
-  ((2, 280, 384), (2, 384))
+Example (ViT-S/16 cut to one block, random weights; real ones come from `weights.load`):
+  >>> cfg = get_config("dino_vits16", depth=1)
+  >>> params = init_params(cfg, jax.random.PRNGKey(0))
+  >>> out = make_apply_fn(cfg)(params, jnp.zeros((2, 224, 320, 3)))
+  >>> out["keys"].shape, out["cls"].shape, cfg.pos_interpolation
+  ((2, 280, 384), (2, 384), 'official')
 """
 
 from __future__ import annotations
@@ -652,7 +653,8 @@ def init_params(config_or_arch: str | ViTConfig, key: jax.Array) -> dict:
   cfg = _resolve(config_or_arch)
   p = cfg.patch_size
   model = VisionTransformer(cfg, outputs=("cls",))
-  variables = model.init(key, jnp.zeros((1, p, p, 3), jnp.float32))
+  # Jitted: an eager init dispatches (and compiles) every op on its own, ~10x slower.
+  variables = jax.jit(model.init)(key, jnp.zeros((1, p, p, 3), jnp.float32))
   return dict(variables["params"])
 
 
@@ -763,9 +765,13 @@ def make_apply_fn(arch, *, blocks: Iterable[int] = (-1,), outputs=("keys", "cls"
 
   `pos_interpolation` overrides the rule of `arch` (see `apply`).
 
-  Example:
-    >>> fwd = make_apply_fn("dinov2_vits14")
-    >>> out = fwd(params, images, mask)   # compiled once per (images, mask) shape
+  Example (a one-block ViT-S/16; the second image is 32 x 96 pixels padded to 64 x 96):
+    >>> cfg = get_config("dino_vits16", depth=1)
+    >>> params = init_params(cfg, jax.random.PRNGKey(0))
+    >>> fwd = make_apply_fn(cfg)
+    >>> mask = jnp.ones((2, 4, 6), bool).at[1, 2:].set(False)
+    >>> fwd(params, jnp.zeros((2, 64, 96, 3)), mask)["keys"].shape  # one compile per shape
+    (2, 24, 384)
   """
   cfg = _resolve(arch)
   if pos_interpolation is not None and pos_interpolation != cfg.pos_interpolation:

@@ -23,11 +23,15 @@ hash while writing and rename atomically. The DINO authors publish no checksums 
 download next to the file (`<file>.sha256`) and re-checks it on every later use (a truncated
 or replaced file is caught); pass `sha256=` to pin a hash you trust.
 
-Example:
-  >>> path = fetch_official("dino_vits8")             # ~/.cache/lightcluster/...
-  >>> arch, params = load_any(path)                    # needs torch for .pth
-  >>> save("dino_vits8.npz", arch, params)
-  >>> arch, params = load("dino_vits8.npz")
+Example (the download needs the network, so that part is shown, not run):
+  >>> path = fetch_official("dino_vits8")  # doctest: +SKIP
+  >>> arch, params = load_any(path)         # doctest: +SKIP
+  >>> arch, params = load(WEIGHTS)          # a converted file: (name or ViTConfig, params)
+  >>> arch.pos_interpolation                # how its position embeddings are resampled
+  'official'
+  >>> out = save(OUT_DIR / "copy.npz", arch, params)
+  >>> load(out)[0] == arch
+  True
 """
 
 from __future__ import annotations
