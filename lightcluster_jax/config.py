@@ -60,6 +60,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.clustering.connectivity = 4            # components of the cleanup (4 or 8)
   c.clustering.flip_image_level = False    # opt-in: flip an image-level mask that D and C
   c.clustering.flip_share = 0.8            # contradict on this share of their fg (method §6)
+  c.clustering.arbitrate = True            # where D and C agree on patches the image-level fg
+  #                                          leaves out (flip_share of them), complement that
+  #                                          fg if CLS attention favours D and C (method §6)
+  c.clustering.arbitrate_margin = 1.0      # ... by this much: s(D and C) - s(I) >= margin, with
+  #                                          s(M) = log(mean attention in M / in the rest)
+  c.clustering.arbitrate_min_contrast = 0.5  # ... and s(D and C) >= this (attention is on it)
 
   c.upsample = ml_collections.ConfigDict()
   c.upsample.temperature = 0.1   # softmax temperature of the fg/bg centroid distances

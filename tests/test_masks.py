@@ -344,6 +344,163 @@ def test_multilevel_flips_a_close_up_when_asked():
     assert min(iou(m[i], gt[i]) for i in range(b)) > 0.9, name
 
 
+# ----------------------------------------------------------------------------------------------
+# Levels that disagree: CLS attention decides which side is the object (combine_levels step 1).
+
+
+def test_attention_contrast_matches_numpy():
+  rng = np.random.default_rng(0)
+  valid = np.zeros((3, 5, 6), bool)
+  valid[:, :4, :5] = True
+  valid[2] = True
+  mask = rng.random((3, 5, 6)) < 0.4
+  mask[1] = valid[1]                             # covers the image: no evidence, 0
+  attn = rng.random((3, 30)).astype(np.float32)
+  got = np.asarray(M.attention_contrast(mask, attn, valid))
+  a = attn.reshape(3, 5, 6)
+  for b in (0, 2):
+    m, v = mask[b] & valid[b], valid[b]
+    want = np.log(a[b][m].mean()) - np.log(a[b][v & ~m].mean())
+    np.testing.assert_allclose(got[b], want, rtol=1e-5)
+  assert got[1] == 0.0
+  # The complement has the opposite contrast.
+  np.testing.assert_allclose(np.asarray(M.attention_contrast(valid & ~mask, attn, valid))[[0, 2]],
+                             -got[[0, 2]], rtol=1e-5)
+
+
+def rocket_levels():
+  """The demo's rocket on an 8 x 10 patch grid: the image level took the sky (I), dataset and
+  category levels agree on the rocket (A), a column touching the bottom border, disjoint
+  from I."""
+  valid = np.ones((1, 8, 10), bool)
+  rocket = np.zeros((1, 8, 10), bool)
+  rocket[0, 2:, 4:6] = True
+  sky = np.zeros((1, 8, 10), bool)
+  sky[0, :6, 1:9] = True
+  sky &= ~rocket
+  return sky, rocket, rocket.copy(), valid
+
+
+def test_attention_picks_the_object_when_the_levels_disagree():
+  sky, d, c, valid = rocket_levels()
+  old = M.combine_levels(sky, d, c, valid, min_region_patches=2, arbitrate=False)
+  # Without the rule: D and C are not trusted (no patch inside I), I is the answer.
+  np.testing.assert_array_equal(np.asarray(old["consistent"]), sky)
+  # Attention 3x higher on the rocket: s(A) = log 3 = 1.10 >= 0.5, s(I) = -log 1.6 (the rest
+  # of the image holds the rocket), s(A) - s(I) = 1.57 >= 1.
+  attn = np.where(d, 3.0, 1.0).reshape(1, -1).astype(np.float32)
+  new = M.combine_levels(sky, d, c, valid, attn, min_region_patches=2)
+  assert bool(new["arbitrated"][0]) and bool(new["image_flipped"][0])
+  np.testing.assert_array_equal(np.asarray(new["image"]), valid & ~sky)
+  np.testing.assert_array_equal(np.asarray(new["consistent"]), d)
+  s_i, s_a = np.asarray(new["attention_contrast"][0])
+  assert s_a >= 0.5 and s_a - s_i >= 1.0
+  # The same attention through the streamed runner's call (a chunk with a padding image).
+  attn2 = np.concatenate([attn, np.zeros_like(attn)])
+  pad = lambda m: np.concatenate([m, np.zeros_like(m)])
+  two = M.combine_levels(pad(sky), pad(d), pad(c), pad(valid), attn2, min_region_patches=2)
+  np.testing.assert_array_equal(np.asarray(two["consistent"])[0], d[0])
+
+
+@pytest.mark.parametrize("case", ["weak", "on_image_level", "none", "off", "high_margin",
+                                  "agree"])
+def test_old_behaviour_kept_when_the_attention_is_not_decisive(case):
+  sky, d, c, valid = rocket_levels()
+  ratio, kw = 3.0, {}
+  if case == "weak":              # 1.2x: s(A) = 0.16 < 0.5 and s(A) - s(I) < 1
+    ratio = 1.2
+  elif case == "on_image_level":  # attention on the sky: the levels are the ones that are wrong
+    ratio = 1 / 3
+  elif case == "off":
+    kw = dict(arbitrate=False)
+  elif case == "high_margin":
+    kw = dict(arbitrate_margin=5.0)
+  elif case == "agree":           # D and C inside I: nothing to arbitrate
+    d, c = sky.copy(), sky.copy()
+  attn = np.where(rocket_levels()[1], ratio, 1.0).reshape(1, -1).astype(np.float32)
+  attn = None if case == "none" else attn
+  ref = M.combine_levels(sky, d, c, valid, min_region_patches=2, arbitrate=False)
+  got = M.combine_levels(sky, d, c, valid, attn, min_region_patches=2, **kw)
+  assert not bool(got["arbitrated"][0]) and not bool(got["image_flipped"][0])
+  for k in ("image", "consistent_raw", "consistent", "dataset_trusted", "category_trusted",
+            "fallback"):
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
+
+
+def close_up(seed=2):
+  """synthetic() with image 0 a close-up: the object fills the frame except a central 4 x 4
+  patch of background, so the border rule picks that patch of background."""
+  keys, valid, gt, cls = synthetic(noise=0.3, seed=seed)
+  b, p, d = keys.shape
+  g = keys.reshape(b, 12, 16, d)
+  inner = np.zeros((12, 16), bool)
+  inner[4:8, 6:10] = True
+  obj_key, bg_key = g[0][gt[0]].mean(0), g[0][valid[0] & ~gt[0]].mean(0)
+  rng = np.random.default_rng(0)
+  g[0] = np.where(inner[..., None], bg_key, obj_key) + 0.3 * rng.normal(size=(12, 16, d))
+  gt[0] = ~inner
+  valid[0] = True
+  return g.reshape(b, p, d), valid, gt, cls
+
+
+def test_multilevel_attention_repairs_a_close_up():
+  # The close-up of test_multilevel_flips_a_close_up_when_asked, with the default rule (no
+  # unconditional flip): CLS attention 3x higher on the object than on the background
+  # complements image 0's image-level mask, and only that image's; weak attention (1.2x)
+  # or attention on the background keeps the old answer (the background).
+  keys, valid, gt, cls = close_up()
+  b = len(gt)
+  runs = {}
+  for name, ratio in (("strong", 3.0), ("weak", 1.2), ("wrong", 1 / 3)):
+    attn = np.where(gt, ratio, 1.0).reshape(b, -1).astype(np.float32)
+    runs[name] = M.multilevel_foreground(keys, valid, cls, attn, key=jax.random.key(0),
+                                         num_categories=2)
+  out = runs["strong"]
+  raw = np.asarray(M._lookup(out["image_fg_clusters"], out["image_assignment"]))
+  assert iou(raw[0], gt[0]) < 0.1                 # the border rule alone is wrong here
+  np.testing.assert_array_equal(np.asarray(out["arbitrated"]), [True] + [False] * (b - 1))
+  for name in ("image", "consistent"):
+    m = np.asarray(out[name])
+    assert min(iou(m[i], gt[i]) for i in range(b)) > 0.9, name
+  for name in ("weak", "wrong"):
+    o = runs[name]
+    assert not np.asarray(o["image_flipped"]).any(), name
+    c = np.asarray(o["consistent"])
+    np.testing.assert_array_equal(c[0], raw[0] & valid[0])   # the old fallback: I
+    np.testing.assert_array_equal(c[1:], np.asarray(out["consistent"])[1:])
+
+
+def test_streamed_masks_equal_in_memory_with_arbitration():
+  """The runner's two paths on the close-up scene, with the rule firing on image 0: the
+  streamed chunks pass the cached CLS attention to `combine_levels` as memory does."""
+  from lightcluster_jax import config as config_lib
+  from lightcluster_jax.runner import pipeline
+  keys, valid, gt, cls = close_up()
+  b, _, d = keys.shape
+  attn = np.where(gt, 3.0, 1.0).reshape(b, -1).astype(np.float32) / gt[0].size
+  feats = pipeline.Stage(None, "features", "t")
+  ids = [f"im{i}" for i in range(b)]
+  for i, item in enumerate(ids):
+    hv, wv = int(valid[i].any(1).sum()), int(valid[i].any(0).sum())
+    crop = lambda a: a.reshape(12, 16, -1)[:hv, :wv].reshape(hv * wv, -1)
+    feats.save(item, dict(keys=crop(keys[i]), cls=cls[i], cls_attn=crop(attn[i])[:, 0],
+                          grid_hw=np.array([hv, wv]), orig_hw=np.array([hv * 8, wv * 8])))
+  cfg = config_lib.default_config().clustering
+  cfg.num_categories, cfg.n_init = 2, 1
+  out = {}
+  for chunk in (0, 2):
+    cfg.chunk_images = chunk
+    stage = pipeline.Stage(None, "masks", f"c{chunk}")
+    pipeline.run_masks(stage, feats, ids, cfg=cfg, seed=0, temperature=0.1, progress=False)
+    out[chunk] = {i: stage.load(i) for i in ids}
+  assert iou(out[0]["im0"]["consistent"], gt[0]) > 0.9      # the rule fired
+  assert out[0]["im0"]["image"].sum() > valid[0].sum() // 2
+  for i in ids:
+    for lvl in ("image", "category", "dataset", "consistent", "group"):
+      np.testing.assert_array_equal(out[0][i][lvl], out[2][i][lvl], err_msg=f"{i} {lvl}")
+    np.testing.assert_allclose(out[0][i]["prob"], out[2][i]["prob"], rtol=0, atol=1e-6)
+
+
 def test_multilevel_bad_inputs():
   keys, valid, _, cls = synthetic(b=2)
   with pytest.raises(ValueError, match="valid"):

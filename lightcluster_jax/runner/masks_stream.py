@@ -111,13 +111,14 @@ _normalize = jax.jit(lambda keys: kmeans_lib.l2_normalize(keys.astype(jnp.float3
 
 @functools.partial(jax.jit, static_argnames=("rule", "dilate", "min_region_patches",
                                              "connectivity", "min_image_share",
-                                             "flip_image_level", "flip_share"))
+                                             "flip_image_level", "flip_share", "arbitrate",
+                                             "arbitrate_margin", "arbitrate_min_contrast"))
 def _chunk_consistent(x, valid, i_fg, dat_assign, cat_assign, groups, dat_table, cat_table,
-                      **kw):
+                      attn, **kw):
   """Steps 4-5 of `masks.multilevel_foreground` for a chunk (the same public functions)."""
   d_fg, c_fg = masks_lib.level_masks(valid, dat_assign, cat_assign, groups, dat_table,
                                      cat_table)
-  comb = masks_lib.combine_levels(i_fg, d_fg, c_fg, valid, **kw)
+  comb = masks_lib.combine_levels(i_fg, d_fg, c_fg, valid, attn, **kw)
   fg_c, n_f, bg_c, n_b = masks_lib.centroid_sums(x, comb["consistent"], valid)
   return dict(comb, category=c_fg, dataset=d_fg, fg_c=fg_c, n_f=n_f, bg_c=bg_c, n_b=n_b)
 
@@ -338,7 +339,7 @@ def run_masks_streamed(stage: cache.Stage, feat_stage: cache.Stage, ids: Sequenc
   sums = dict(f=np.zeros(d), nf=np.zeros(()), b=np.zeros(d), nb=np.zeros(()))
   deferred = {}
   bar = progress_bar(None, total=len(local_ids), desc="masks: consistency", enabled=progress)
-  for g0, cids, keys, valid, _ in chunks():
+  for g0, cids, keys, valid, attn in chunks():
     n = len(cids)
     x = np.asarray(_normalize(keys))
     da, ca = assignments(x.reshape(chunk * p, d), valid, g0, n)
@@ -346,10 +347,12 @@ def run_masks_streamed(stage: cache.Stage, feat_stage: cache.Stage, ids: Sequenc
     ifg = unpacked(cids)
     out = _chunk_consistent(
         jnp.asarray(x), jnp.asarray(valid), jnp.asarray(ifg), jnp.asarray(da),
-        jnp.asarray(ca), jnp.asarray(grp), dat_table, cat_table, rule=cfg.rule,
-        dilate=int(cfg.dilate), min_region_patches=int(cfg.min_region_patches),
+        jnp.asarray(ca), jnp.asarray(grp), dat_table, cat_table, jnp.asarray(attn),
+        rule=cfg.rule, dilate=int(cfg.dilate), min_region_patches=int(cfg.min_region_patches),
         connectivity=int(cfg.connectivity), min_image_share=float(cfg.min_image_share),
-        flip_image_level=bool(cfg.flip_image_level), flip_share=float(cfg.flip_share))
+        flip_image_level=bool(cfg.flip_image_level), flip_share=float(cfg.flip_share),
+        arbitrate=bool(cfg.arbitrate), arbitrate_margin=float(cfg.arbitrate_margin),
+        arbitrate_min_contrast=float(cfg.arbitrate_min_contrast))
     out = jax.device_get(out)
     prob = np.asarray(_chunk_prob(keys, out["consistent"], valid, out["fg_c"], out["bg_c"],
                                   temperature=temperature))

@@ -197,7 +197,9 @@ def masks_kwargs(cfg: ml_collections.ConfigDict, num_images: int) -> dict:
       n_init=cfg.n_init, n_init_image=cfg.n_init, max_iter=cfg.max_iter,
       connectivity=cfg.connectivity, fg_min_share=cfg.fg_min_share,
       fallback_share=cfg.fallback_share, min_image_share=cfg.min_image_share,
-      flip_image_level=cfg.flip_image_level, flip_share=cfg.flip_share)
+      flip_image_level=cfg.flip_image_level, flip_share=cfg.flip_share,
+      arbitrate=cfg.arbitrate, arbitrate_margin=cfg.arbitrate_margin,
+      arbitrate_min_contrast=cfg.arbitrate_min_contrast)
 
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,

@@ -16,9 +16,11 @@ Pipeline of `multilevel_foreground` (each step is also a public function):
    inside the image-level foreground (with a documented fallback), then per image a level
    whose mask barely overlaps the image-level mask is replaced by it (docs/method.md "Failure
    modes", 3: a "foreground" cluster with 0.001 of its patches in the image-level foreground).
-5. `consistency`: `dc_and_i` (default) = Dataset and Category and dilate(Image, 1 patch);
-   `d_and_i`, `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left empty
-   falls back to its image-level mask.
+5. `combine_levels`: where Dataset and Category agree on an object that the image-level mask
+   leaves out, CLS attention decides which side is the object (`attention_contrast`); then
+   `consistency`: `dc_and_i` (default) = Dataset and Category and dilate(Image, 1 patch);
+   `d_and_i`, `all`, `majority`, `image_only`. Then `remove_small_components`, and an image left
+   empty falls back to its image-level mask.
 6. `soft_foreground`: softmax of negative squared distances to fg / bg centroids
    (docs/method.md §7).
 
@@ -58,6 +60,7 @@ __all__ = [
     "border_fraction", "image_level_foreground",
     "cluster_foreground_share", "foreground_clusters", "trusted_level", "category_groups",
     "consistency", "decide_foreground", "shares_from_counts", "level_masks", "combine_levels",
+    "attention_contrast",
     "masked_mean", "centroid_sums", "fill_empty_centroids",
     "soft_foreground", "multilevel_foreground", "RULES",
 ]
@@ -301,17 +304,75 @@ def level_masks(valid, dataset_assignment, category_assignment, groups, dataset_
   return d_fg & valid, c_fg
 
 
-def combine_levels(image_fg, dataset_fg, category_fg, valid, *, rule: str = "dc_and_i",
-                   dilate: int = 1, min_region_patches: int = 4, connectivity: int = 4,
-                   min_image_share: float = 0.2, flip_image_level: bool = False,
-                   flip_share: float = 0.8) -> dict:
-  """Per image: trust checks, consistency, cleanup and the empty fallback (method §6).
+def attention_contrast(mask, cls_attn, valid, *, eps: float = 1e-12) -> jax.Array:
+  """Per image: how much more CLS attention a mask draws per patch than the rest of the image.
+
+  .. math:: s(M) = \\log(\\bar a_M + \\epsilon) - \\log(\\bar a_{V \\setminus M} + \\epsilon),
+            \\quad \\bar a_S = \\tfrac{1}{|S|} \\sum_{p \\in S} a_p
+
+  (V = the valid patches, a_p = CLS->patch attention). s > 0: attention is concentrated on M,
+  as it is on objects (DINO's CLS attention highlights them); s(V \\ M) = -s(M). An empty M or
+  an M that covers V gets 0 (no evidence either way), as does an image without attention.
+
+  Args:
+    mask: [B, h, w] bool.
+    cls_attn: [B, h * w] or [B, h, w] float, >= 0.
+    valid: [B, h, w] bool.
+    eps: keeps the logarithm finite for all-zero attention.
+
+  Returns:
+    [B] float32.
+
+  Example:
+    >>> m = jnp.zeros((1, 2, 2), bool).at[0, 0, 0].set(True)
+    >>> a = jnp.array([[0.4, 0.2, 0.2, 0.2]])
+    >>> round(float(attention_contrast(m, a, jnp.ones((1, 2, 2), bool))[0]), 4)   # log 2
+    0.6931
+  """
+  valid = jnp.asarray(valid, bool)
+  m = jnp.asarray(mask, bool) & valid
+  rest = valid & ~m
+  a = jnp.asarray(cls_attn, jnp.float32).reshape(valid.shape)
+  a = jnp.where(valid, a, 0.0)
+  n_in = jnp.sum(m, axis=(-2, -1)).astype(jnp.float32)
+  n_out = jnp.sum(rest, axis=(-2, -1)).astype(jnp.float32)
+  mean_in = jnp.sum(jnp.where(m, a, 0.0), axis=(-2, -1)) / jnp.maximum(n_in, 1.0)
+  mean_out = jnp.sum(jnp.where(rest, a, 0.0), axis=(-2, -1)) / jnp.maximum(n_out, 1.0)
+  s = jnp.log(mean_in + eps) - jnp.log(mean_out + eps)
+  return jnp.where((n_in > 0) & (n_out > 0), s, 0.0)
+
+
+def combine_levels(image_fg, dataset_fg, category_fg, valid, cls_attn=None, *,
+                   rule: str = "dc_and_i", dilate: int = 1, min_region_patches: int = 4,
+                   connectivity: int = 4, min_image_share: float = 0.2,
+                   flip_image_level: bool = False, flip_share: float = 0.8,
+                   arbitrate: bool = True, arbitrate_margin: float = 1.0,
+                   arbitrate_min_contrast: float = 0.5) -> dict:
+  """Per image: side check, trust checks, consistency, cleanup, empty fallback (method §6).
 
   Every step is per image, so a chunk of images gives the same masks as the whole set.
 
-  1. Optional flip (`flip_image_level`): if at least `flip_share` of the patches where D and C
-     agree on foreground lie outside the image-level mask I (and they are at least
-     `min_region_patches`), I is replaced by its complement within `valid`.
+  1. Which side is the object (docs/method.md §6, "Failure modes", 1). Let A be the agreement
+     of the cross-image levels in the image: A = D and C (A = D for rule `d_and_i`). The
+     levels *disagree* with the image level when A has at least `min_region_patches`
+     patches and at most 1 - `flip_share` of them lie inside I:
+
+       |A and I| <= (1 - flip_share) |A|.
+
+     Then the output would be I (D and C fail the trust check of step 2, or the
+     intersection is empty and step 4 falls back to I) or, with I complemented, about A.
+     The border rule that chose I cannot settle this, so the CLS attention does
+     (`attention_contrast`: s(M) = log(mean attention in M / mean attention in the rest)).
+     With `arbitrate` and `cls_attn`, I is replaced by its complement V \\ I (valid, not I) when
+
+       s(A) - s(I) >= arbitrate_margin   and   s(A) >= arbitrate_min_contrast,
+
+     i.e. the levels' object draws clearly more attention than the image level's, and
+     clearly more than the rest of the image. Otherwise (weak evidence, attention on I or on
+     neither) I is kept: the behaviour without the rule. Two independent cues must agree
+     against I, the other levels and the attention, so a wrong D / C (the reason the
+     unconditional flip is off) is not followed when the attention sides with I.
+     `flip_image_level` flips on disagreement alone, without the attention (opt-in).
   2. A level whose mask is empty in the image, or has less than `min_image_share` of its
      patches inside I, is replaced by I there (`trusted_level`).
   3. `consistency(rule, dilate)`, then components smaller than `min_region_patches` removed.
@@ -319,23 +380,61 @@ def combine_levels(image_fg, dataset_fg, category_fg, valid, *, rule: str = "dc_
 
   Args:
     image_fg, dataset_fg, category_fg, valid: [B, h, w] bool.
+    cls_attn: optional [B, h * w] (or [B, h, w]) float CLS->patch attention of the last
+      block, averaged over heads; without it step 1 uses no attention (no arbitration).
     rule, dilate: see `consistency`.
-    min_region_patches, connectivity: the cleanup.
+    min_region_patches, connectivity: the cleanup (and the least |A| that can disagree).
     min_image_share: see `trusted_level`.
-    flip_image_level, flip_share: step 1.
+    flip_image_level, flip_share: unconditional flip on disagreement; the disagreement
+      threshold.
+    arbitrate, arbitrate_margin, arbitrate_min_contrast: the attention rule of step 1
+      (contrasts in natural-log units: 1.0 = e times the attention per patch).
 
   Returns:
-    dict of [B, h, w] bool "image" (after the flip), "consistent_raw", "consistent"; [B] bool
-    "image_flipped", "dataset_trusted", "category_trusted", "fallback".
+    dict of [B, h, w] bool "image" (after step 1), "consistent_raw", "consistent"; [B] bool
+    "image_flipped" (I complemented, either way), "arbitrated" (by the attention rule),
+    "dataset_trusted", "category_trusted", "fallback"; [B, 2] float32 "attention_contrast"
+    (s(I), s(A); zeros without attention).
+
+  Example (the image level took the "sky" I; D and C agree on a column A outside it, which
+  draws 3x the attention of the other patches):
+    >>> valid = jnp.ones((1, 4, 5), bool)
+    >>> obj = jnp.zeros((1, 4, 5), bool).at[0, 1:, 2].set(True)
+    >>> sky = jnp.zeros((1, 4, 5), bool).at[0, :3, 1:4].set(True) & ~obj
+    >>> attn = jnp.where(obj, 3.0, 1.0).reshape(1, -1)
+    >>> out = combine_levels(sky, obj, obj, valid, attn, min_region_patches=2)
+    >>> bool(out["arbitrated"][0]), bool(jnp.all(out["consistent"] == obj))
+    (True, True)
+    >>> old = combine_levels(sky, obj, obj, valid, attn, min_region_patches=2, arbitrate=False)
+    >>> bool(jnp.all(old["consistent"] == sky))          # without the check: the sky
+    True
   """
-  i_fg = jnp.asarray(image_fg, bool)
-  flipped = jnp.zeros(i_fg.shape[:1], bool)
-  if flip_image_level:
-    dc = dataset_fg & category_fg
-    n_dc = jnp.sum(dc, axis=(1, 2))
-    inside = jnp.sum(dc & i_fg, axis=(1, 2))
-    flipped = (n_dc >= min_region_patches) & (inside <= (1.0 - flip_share) * n_dc)
-    i_fg = jnp.where(flipped[:, None, None], valid & ~i_fg, i_fg)
+  valid = jnp.asarray(valid, bool)
+  i_fg = jnp.asarray(image_fg, bool) & valid
+  dataset_fg = jnp.asarray(dataset_fg, bool)
+  category_fg = jnp.asarray(category_fg, bool)
+  b = i_fg.shape[0]
+  agree = dataset_fg & valid if rule == "d_and_i" else dataset_fg & category_fg & valid
+  n_agree = jnp.sum(agree, axis=(1, 2))
+  n_inside = jnp.sum(agree & i_fg, axis=(1, 2))
+  disagree = (rule != "image_only") & (n_agree >= min_region_patches) & (
+      n_inside <= (1.0 - flip_share) * n_agree)
+  contrast = jnp.zeros((b, 2), jnp.float32)
+  arbitrated = jnp.zeros((b,), bool)
+  if cls_attn is not None:
+    s_i = attention_contrast(i_fg, cls_attn, valid)
+    s_a = attention_contrast(agree, cls_attn, valid)
+    contrast = jnp.stack([s_i, s_a], axis=1)
+    if arbitrate:
+      arbitrated = disagree & (s_a - s_i >= arbitrate_margin) & (
+          s_a >= arbitrate_min_contrast)
+  # The unconditional flip keeps its historical test: D and C (whatever the rule).
+  dc = dataset_fg & category_fg
+  n_dc = jnp.sum(dc, axis=(1, 2))
+  forced = (flip_image_level & (n_dc >= min_region_patches)
+            & (jnp.sum(dc & i_fg, axis=(1, 2)) <= (1.0 - flip_share) * n_dc))
+  flipped = forced | arbitrated
+  i_fg = jnp.where(flipped[:, None, None], valid & ~i_fg, i_fg)
   d_ok = trusted_level(dataset_fg, i_fg, min_image_share=min_image_share)
   c_ok = trusted_level(category_fg, i_fg, min_image_share=min_image_share)
   d_used = jnp.where(d_ok[:, None, None], dataset_fg, i_fg)
@@ -346,6 +445,7 @@ def combine_levels(image_fg, dataset_fg, category_fg, valid, *, rule: str = "dc_
   empty = ~jnp.any(clean, axis=(1, 2))
   final = jnp.where(empty[:, None, None], i_fg, clean)
   return dict(image=i_fg, consistent_raw=raw, consistent=final, image_flipped=flipped,
+              arbitrated=arbitrated, attention_contrast=contrast,
               dataset_trusted=d_ok, category_trusted=c_ok, fallback=empty)
 
 
@@ -513,12 +613,13 @@ def masked_mean(x, m):
     "k_image", "k_category", "k_dataset", "num_categories", "rule", "dilate",
     "min_region_patches", "dataset_fit_patches", "n_init_image", "n_init", "max_iter",
     "connectivity", "fg_min_share", "fallback_share", "min_image_share", "has_attn",
-    "flip_image_level", "flip_share"))
+    "flip_image_level", "flip_share", "arbitrate", "arbitrate_margin",
+    "arbitrate_min_contrast"))
 def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_category,
                 k_dataset, num_categories, rule, dilate, min_region_patches,
                 dataset_fit_patches, n_init_image, n_init, max_iter, connectivity,
                 fg_min_share, fallback_share, min_image_share, has_attn, flip_image_level,
-                flip_share):
+                flip_share, arbitrate, arbitrate_margin, arbitrate_min_contrast):
   b, p, d = keys.shape
   h, w = valid.shape[1:]
   x = _km.l2_normalize(keys.astype(jnp.float32))
@@ -563,11 +664,13 @@ def _multilevel(keys, valid, cls, cls_attn, key, image_ids, *, k_image, k_catego
                                   min_share=fg_min_share, fallback_share=fallback_share)
   d_fg, c_fg = level_masks(valid, dat_assign, cat_assign, groups, dat_table, cat_table)
 
-  # 4-5. Trust, consistency, cleanup, empty fallback (per image).
-  comb = combine_levels(i_fg, d_fg, c_fg, valid, rule=rule, dilate=dilate,
-                        min_region_patches=min_region_patches, connectivity=connectivity,
-                        min_image_share=min_image_share, flip_image_level=flip_image_level,
-                        flip_share=flip_share)
+  # 4-5. Side check, trust, consistency, cleanup, empty fallback (per image).
+  comb = combine_levels(i_fg, d_fg, c_fg, valid, cls_attn if has_attn else None, rule=rule,
+                        dilate=dilate, min_region_patches=min_region_patches,
+                        connectivity=connectivity, min_image_share=min_image_share,
+                        flip_image_level=flip_image_level, flip_share=flip_share,
+                        arbitrate=arbitrate, arbitrate_margin=arbitrate_margin,
+                        arbitrate_min_contrast=arbitrate_min_contrast)
 
   # Centroids for the soft probability: mean normalised Key inside / outside the final mask;
   # an image without any fg (bg) patch uses the mean over all images.
@@ -596,7 +699,9 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
                           connectivity: int = 4, fg_min_share: float = 0.5,
                           fallback_share: float = 0.25,
                           min_image_share: float = 0.2, flip_image_level: bool = False,
-                          flip_share: float = 0.8) -> dict:
+                          flip_share: float = 0.8, arbitrate: bool = True,
+                          arbitrate_margin: float = 1.0,
+                          arbitrate_min_contrast: float = 0.5) -> dict:
   """Binary patch pseudo-masks from consistent Dataset / Category / Image-level clustering.
 
   The in-memory version of docs/method.md §2-6 for a batch that is the whole (small) dataset;
@@ -609,14 +714,17 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
   patch assigned); `foreground_clusters` for the category (per group) and dataset levels; a
   level whose mask in an image has less than `min_image_share` of its patches inside that
   image's image-level mask (or is empty there) is replaced by the image-level mask for that
-  image; `consistency(rule)`; `remove_small_components(min_region_patches)`; an image left
-  empty falls back to its image-level mask.
+  image, unless the CLS attention shows that the image level took the wrong side (then that
+  mask is complemented first: `combine_levels`, step 1); `consistency(rule)`;
+  `remove_small_components(min_region_patches)`; an image left empty falls back to its
+  image-level mask.
 
   Args:
     keys: [B, P, D] raw last-block Keys (normalised here).
     valid: [B, h, w] bool patch validity (h * w = P).
     cls: [B, D] CLS tokens (for the category groups).
-    cls_attn: optional [B, P] CLS attention (image-level tie-break).
+    cls_attn: optional [B, P] CLS attention (image-level tie-break; the side check of
+      `combine_levels`, skipped without it).
     key: PRNG key.
     k_image, k_category, k_dataset: clusters per level.
     num_categories: CLS groups (clipped to B).
@@ -635,16 +743,20 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
       `flip_share` of the patches where Dataset and Category agree on foreground lie outside
       an image's image-level mask, that mask is replaced by its complement (within valid).
       Off by default: it also fires when D and C are the ones that are wrong.
-    flip_share: threshold of `flip_image_level`.
+    flip_share: threshold of `flip_image_level`, and the disagreement threshold of
+      `arbitrate`.
+    arbitrate, arbitrate_margin, arbitrate_min_contrast: when D and C agree on patches that
+      are (almost) all outside the image-level mask, complement that mask if CLS attention
+      favours D and C (`combine_levels`, step 1; docs/method.md §6).
 
   Returns:
-    dict with [B, h, w] bool masks "image" (after the optional flip), "category", "dataset",
-    "consistent_raw" (before
-    cleanup), "consistent" (final); [B] bool "fallback" (used the image mask),
-    "image_flipped",
-    "dataset_trusted", "category_trusted"; "groups" [B]; per level the assignments,
-    centroids and foreground-cluster tables; "fg_centroid", "bg_centroid" [B, D]: mean
-    normalised Key inside / outside the final mask (for `soft_foreground`).
+    dict with [B, h, w] bool masks "image" (after a flip), "category", "dataset",
+    "consistent_raw" (before cleanup), "consistent" (final); [B] bool "fallback" (used the
+    image mask), "image_flipped", "arbitrated" (flipped by the attention rule),
+    "dataset_trusted", "category_trusted"; [B, 2] "attention_contrast" (s(I), s(A) of
+    `combine_levels`); "groups" [B]; per level the assignments, centroids and
+    foreground-cluster tables; "fg_centroid", "bg_centroid" [B, D]: mean normalised Key
+    inside / outside the final mask (for `soft_foreground`).
   """
   b, p, d = _check_keys(keys, valid, "multilevel_foreground")
   if rule not in RULES:
@@ -668,4 +780,6 @@ def multilevel_foreground(keys, valid, cls, cls_attn=None, *, key, k_image: int 
       connectivity=int(connectivity), fg_min_share=float(fg_min_share),
       fallback_share=float(fallback_share), min_image_share=float(min_image_share),
       has_attn=cls_attn is not None, flip_image_level=bool(flip_image_level),
-      flip_share=float(flip_share))
+      flip_share=float(flip_share), arbitrate=bool(arbitrate),
+      arbitrate_margin=float(arbitrate_margin),
+      arbitrate_min_contrast=float(arbitrate_min_contrast))
