@@ -86,7 +86,7 @@ def format_scores(scores: dict) -> str:
 PATCH_STAGES = ("image", "category", "dataset", "consistent")
 
 
-def stage_foreground_ious(result: dict, gt_dir, *, ignore_index: int = 255) -> dict:
+def stage_foreground_ious(result, gt_dir, *, ignore_index: int = 255) -> dict:
   """Class-agnostic foreground IoU of the pseudo-masks at every stage of a pipeline run.
 
   Patch-level masks (image / category / dataset level, consistent) are upsampled to the GT
@@ -94,7 +94,7 @@ def stage_foreground_ious(result: dict, gt_dir, *, ignore_index: int = 255) -> d
   CRF output (or the bilinear upsampling when the CRF is off); "final" is labels > 0.
 
   Args:
-    result: the dict returned by `pipeline.segment`.
+    result: the `SegmentResult` of `pipeline.segment`.
     gt_dir: folder with `<id>.png` GT label maps.
 
   Returns:
@@ -102,17 +102,16 @@ def stage_foreground_ious(result: dict, gt_dir, *, ignore_index: int = 255) -> d
   """
   from lightcluster_jax.blocks.resize import resize
   gt_dir = pathlib.Path(gt_dir)
-  stages = result["stages"]
   counts = {s: ([], []) for s in PATCH_STAGES + ("refined", "final")}
-  for item_id in result["ids"]:
+  for item_id in result.ids:
     gt = voc.read_label_png(gt_dir / f"{item_id}.png")
-    m = stages["masks"].load(item_id)
+    m = result.artefacts("masks", item_id)
     preds = {}
     for s in PATCH_STAGES:
       grid = np.asarray(m[s], np.float32)[..., None]
       preds[s] = np.asarray(resize(grid, gt.shape, method="nearest"))[..., 0] > 0.5
-    preds["refined"] = stages["refine"].load(item_id)["fg"]
-    preds["final"] = result["labels"][item_id] > 0
+    preds["refined"] = result.artefacts("refine", item_id)["fg"]
+    preds["final"] = result.labels[item_id] > 0
     for s, p in preds.items():
       i, u = metrics.foreground_iou(p, gt, ignore_index=ignore_index)
       counts[s][0].append(int(i))
