@@ -65,19 +65,19 @@ def test_download_with_sha256_and_progress(server, tmp_path, capsys):
   assert dest.read_bytes() == data
   err = capsys.readouterr().err
   assert "file.bin" in err and "100%" in err  # tqdm progress bar on stderr
-  assert not list(tmp_path.rglob("*.part"))
+  assert [p for p in tmp_path.rglob("*") if p.is_file()] == [dest]  # no temporary file left
 
 
 def test_download_failures_leave_no_file(server, tmp_path):
   server.files["/f"] = b"hello world"
   with pytest.raises(weights.WeightsError, match="does not match the expected"):
     weights.download(server.url + "/f", tmp_path / "f", sha256="0" * 64, progress=False)
-  assert not (tmp_path / "f").exists() and not list(tmp_path.glob("*.part"))
+  assert not [p for p in tmp_path.rglob("*") if p.is_file()]
   server.files["/short"] = b"x" * 1000
   server.short.add("/short")
   with pytest.raises(weights.WeightsError, match="short|received|download failed|Incomplete"):
     weights.download(server.url + "/short", tmp_path / "s", progress=False, timeout=5)
-  assert not (tmp_path / "s").exists() and not list(tmp_path.glob("*.part"))
+  assert not [p for p in tmp_path.rglob("*") if p.is_file()]
   with pytest.raises(weights.WeightsError, match="404"):
     weights.download(server.url + "/missing", tmp_path / "m", progress=False)
   assert not (tmp_path / "m").exists()

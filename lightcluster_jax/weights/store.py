@@ -42,7 +42,6 @@ import http.client
 import json
 import os
 import pathlib
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -51,6 +50,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lightcluster_jax.blocks import vit
+from lightcluster_jax.data import files
 
 FORMAT = "lightcluster_jax.vit/2"
 _READABLE_FORMATS = ("lightcluster_jax.vit/1", FORMAT)
@@ -114,18 +114,8 @@ def save(path, arch: str | vit.ViTConfig, params, *, source: Mapping[str, Any] |
   meta = {"format": FORMAT, "arch": cfg.name, "config": _config_dict(cfg),
           "standard_arch": cfg == vit.ARCHS.get(cfg.name), "source": dict(source or {}),
           "manifest": manifest}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{_META: np.asarray(json.dumps(meta))}, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with files.atomic_open(path, fsync=True) as f:
+    np.savez(f, **{_META: np.asarray(json.dumps(meta))}, **flat)
   if orbax_dir is not None:
     save_orbax(orbax_dir, params)
   return path
@@ -342,20 +332,20 @@ def download(url: str, dest, sha256: str | None = None, progress: bool = True, *
              timeout: float = 60.0) -> pathlib.Path:
   """Downloads `url` to `dest` atomically, with a progress bar and an optional sha256 check.
 
-  The data goes to `<dest>.part` and is renamed only when complete (and matching `sha256`),
-  so an interrupted download never leaves a file that looks finished.
+  The data goes to a temporary file next to `dest` (`data.files.atomic_open`) and is renamed
+  only when complete (and matching `sha256`), so an interrupted download never leaves a file
+  that looks finished.
 
   Raises:
     WeightsError on HTTP errors, a short read, or a sha256 mismatch (the partial file is
     removed).
   """
   dest = pathlib.Path(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  part = dest.with_name(dest.name + ".part")
   h = hashlib.sha256()
   try:
     req = urllib.request.Request(url, headers={"User-Agent": "lightcluster_jax"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp, \
+        files.atomic_open(dest, fsync=True) as f:
       total = resp.headers.get("Content-Length")
       total = int(total) if total and total.isdigit() else None
       bar = None
@@ -365,33 +355,26 @@ def download(url: str, dest, sha256: str | None = None, progress: bool = True, *
                    desc=dest.name)
       n = 0
       try:
-        with open(part, "wb") as f:
-          while True:
-            chunk = resp.read(1 << 20)
-            if not chunk:
-              break
-            f.write(chunk)
-            h.update(chunk)
-            n += len(chunk)
-            if bar is not None:
-              bar.update(len(chunk))
-          f.flush()
-          os.fsync(f.fileno())
+        while True:
+          chunk = resp.read(1 << 20)
+          if not chunk:
+            break
+          f.write(chunk)
+          h.update(chunk)
+          n += len(chunk)
+          if bar is not None:
+            bar.update(len(chunk))
       finally:
         if bar is not None:
           bar.close()
-    if total is not None and n != total:
-      raise WeightsError(f"{url}: received {n} of {total} bytes (connection dropped?)")
-    digest = h.hexdigest()
-    if sha256 is not None and digest != sha256.lower():
-      raise WeightsError(f"{url}: sha256 {digest} does not match the expected {sha256}")
-    os.replace(part, dest)
-  except BaseException as e:
-    if part.exists():
-      part.unlink()
-    if isinstance(e, (OSError, http.client.HTTPException)) and not isinstance(e, WeightsError):
-      raise WeightsError(f"{url}: download failed: {e}") from e
-    raise
+      # Checked inside the `with`: a failure removes the partial file.
+      if total is not None and n != total:
+        raise WeightsError(f"{url}: received {n} of {total} bytes (connection dropped?)")
+      digest = h.hexdigest()
+      if sha256 is not None and digest != sha256.lower():
+        raise WeightsError(f"{url}: sha256 {digest} does not match the expected {sha256}")
+  except (OSError, http.client.HTTPException) as e:
+    raise WeightsError(f"{url}: download failed: {e}") from e
   return dest
 
 
