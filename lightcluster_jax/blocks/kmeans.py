@@ -1296,10 +1296,16 @@ def lloyd_statistics(points, mask, centroids, *, weights=None, cosine: bool = Fa
     `LloydStats(sums, counts, inertia, Farthest)`.
 
   Example (data-parallel Lloyd step over a 1-d mesh):
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()), ("data",))
+    >>> x = jax.random.normal(jax.random.key(0), (64 * len(jax.devices()), 4))
+    >>> m, c = jnp.ones(x.shape[0], bool), x[:3]
     >>> step = jax.shard_map(
     ...     lambda x, m, c: lloyd_statistics(x, m, c, axis_name="data"), mesh=mesh,
     ...     in_specs=(P("data"), P("data"), P()), out_specs=(P(), P(), P()))
     >>> sums, counts, _ = step(x, m, c); c = sums / counts[:, None]
+    >>> int(counts.sum()) == x.shape[0]
+    True
   """
   w = _effective_weights(points.shape[0], mask, weights)
   stats, _ = _pass_statistics(points, w, jnp.asarray(centroids, jnp.float32),
