@@ -23,23 +23,17 @@ paper's own tables are not available to us (docs/method.md, "Reference figures")
 that the commands run (its scores mean nothing).
 """
 
-from lightcluster_jax.config import ConfigError, default_config
+from lightcluster_jax.config import check_arg, default_config, smoke
 
 ARGS = (None, "smoke")
 
 
 def get_config(arg=None):
-  if arg not in ARGS:
-    raise ConfigError(f"configs/voc12_dino_vitb8.py: unknown argument {arg!r}; expected one "
-                      "of: (none), smoke")
+  check_arg(arg, ARGS, "configs/voc12_dino_vitb8.py")
   c = default_config()
   c.arch = "dino_vitb8"
   c.clustering.num_categories = 5   # CLS superclasses (docs/method.md §3)
   c.assign.num_classes = 20         # VOC object classes (docs/method.md §9)
   if arg == "smoke":
-    c.features.image_size = 64
-    c.assign.crop_size = 64
-    c.assign.n_init = 2
-    c.clustering.n_init = 1
-    c.assign.min_region_pixels = 64
+    smoke(c)
   return c

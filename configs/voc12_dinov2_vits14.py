@@ -29,23 +29,17 @@ the commands work (9 dev images: about 4 minutes on 2 busy CPU cores, mostly com
 scores mean nothing).
 """
 
-from lightcluster_jax.config import ConfigError, default_config
+from lightcluster_jax.config import check_arg, default_config, smoke
 
 ARGS = (None, "smoke")
 
 
 def get_config(arg=None):
-  if arg not in ARGS:
-    raise ConfigError(f"configs/voc12_dinov2_vits14.py: unknown argument {arg!r}; expected one "
-                      "of: (none), smoke")
+  check_arg(arg, ARGS, "configs/voc12_dinov2_vits14.py")
   c = default_config()
   c.arch = "dinov2_vits14"
   c.clustering.num_categories = 5   # CLS superclasses (docs/method.md §3)
   c.assign.num_classes = 20         # VOC object classes (docs/method.md §9)
   if arg == "smoke":
-    c.features.image_size = 112
-    c.assign.crop_size = 56
-    c.assign.n_init = 2
-    c.clustering.n_init = 1
-    c.assign.min_region_pixels = 64
+    smoke(c, image_size=112, crop_size=56)
   return c

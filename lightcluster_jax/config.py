@@ -97,6 +97,25 @@ class ConfigError(ValueError):
   """A bad config file, field or value."""
 
 
+def smoke(c: ml_collections.ConfigDict, *, image_size: int = 64,
+          crop_size: int = 64) -> ml_collections.ConfigDict:
+  """The `:smoke` variant of an experiment: small images and few restarts, to check in
+  seconds to minutes that the commands run (its scores mean nothing)."""
+  c.features.image_size = image_size
+  c.assign.crop_size = crop_size
+  c.assign.n_init = 2
+  c.clustering.n_init = 1
+  c.assign.min_region_pixels = 64
+  return c
+
+
+def check_arg(arg, allowed, config_file: str) -> None:
+  """Raises ConfigError naming `config_file` when `arg` (FILE.py:ARG) is not in `allowed`."""
+  if arg not in allowed:
+    names = ", ".join("(none)" if a is None else a for a in allowed)
+    raise ConfigError(f"{config_file}: unknown argument {arg!r}; expected one of: {names}")
+
+
 def load_config(spec: str | None) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py[:arg]`; None gives `default_config()`."""
   if spec is None:
