@@ -23,7 +23,7 @@ def _image(h, w, seed=0):
 
 
 def test_import_does_not_load_matplotlib():
-  code = "import sys, lightcluster_jax.viz; print('matplotlib' in sys.modules)"
+  code = "import sys, lightcluster_jax.apps.viz; print('matplotlib' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 
