@@ -174,9 +174,7 @@ def test_header_split_images_gt_are_consistent(path):
 def test_voc_root_with_split_lists_only_images_with_gt(tmp_path):
   """The CLI's reading of a VOC root: with the headers' --split, every image has GT."""
   from lightcluster_jax.apps import cli
-  list_inputs = getattr(cli, "_list_inputs", None)
-  if list_inputs is None:
-    pytest.skip("lightcluster_jax.apps.cli._list_inputs moved")
+  list_inputs = cli._list_inputs   # the function `lightcluster segment --images` uses
   import numpy as np
   from PIL import Image
   root = tmp_path / "VOCdevkit" / "VOC2012"
