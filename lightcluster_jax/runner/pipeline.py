@@ -423,7 +423,8 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
   if set(ok_ids) != set(ids):  # the set changed: dataset-level stages are keyed by it
     keys = stage_keys(config, weights_id, ok_ids, [fp[i] for i in sorted(ok_ids)])
   local_range = plan.local_range(ids, ok_ids, my_ok)
-  ok_items = [it for it in my_items if it.id in set(my_ok)]
+  mine = set(my_ok)
+  ok_items = [it for it in my_items if it.id in mine]
   my_ids = list(ok_ids[local_range[0]:local_range[1]])
   stages = {"features": feat_stage}
   stages.update({name: Stage(root, name, keys[name], meta) for name in STAGES[1:]})

@@ -21,7 +21,8 @@ __all__ = ["readable_ids", "local_range", "gather_rows"]
 def readable_ids(ids: Sequence[str], my_ok: Sequence[str]) -> list[str]:
   """All hosts' readable ids, in the order of `ids` (every host calls it, lock-step)."""
   if jax.process_count() == 1:
-    return [i for i in ids if i in set(my_ok)]
+    mine = set(my_ok)
+    return [i for i in ids if i in mine]
   flags = np.isin(np.asarray(ids), np.asarray(my_ok, dtype=object)).astype(np.int64)
   return [i for i, f in zip(ids, sharding.host_sum(flags)) if f > 0]
 
