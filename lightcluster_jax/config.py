@@ -90,8 +90,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.assign.crop_batch = 16           # crops of many images packed per ViT call (speed only)
   c.assign.n_init = 10
 
+  c.input = ml_collections.ConfigDict()   # how images are read (speed only, not cached)
+  c.input.read_threads = 4       # decode / resize threads ahead of the device (0 = inline)
+  c.input.prefetch = 16          # images decoded ahead at most
+
   c.output = ml_collections.ConfigDict()
   c.output.overlays = True
+  c.output.format = "png"        # png: OUT/masks/<id>.png | array_record: OUT/labels/ shards
   return c
 
 

@@ -739,7 +739,7 @@ def pca_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[str], *,
 
 def save_image(path: os.PathLike, image: np.ndarray, *, quality: int = 90) -> None:
   """Saves an [H, W, 3] uint8 image atomically (format from the suffix: .png / .jpg)."""
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   buf = io.BytesIO()
   fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **(

@@ -29,6 +29,7 @@ Example (PHOTOS: a folder of photos; in the doctests two of the shipped sample p
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import warnings
@@ -36,6 +37,8 @@ from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lightcluster_jax.data import files
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -103,17 +106,22 @@ def load_image(path: PathLike) -> np.ndarray:
     ImageError: the file is empty, truncated, corrupt, not an image, or of an unsupported
       mode (message starts with the path).
   """
-  path = pathlib.Path(path)
+  path = files.as_path(path)   # local, or gs:// etc. through etils.epath
   if not path.is_file():
     raise FileNotFoundError(f"image file not found: {path}")
-  if path.stat().st_size == 0:
+  if files.is_remote(path):
+    data = path.read_bytes()
+    opened, size = io.BytesIO(data), len(data)
+  else:
+    opened, size = path, path.stat().st_size
+  if size == 0:
     raise ImageError(path, "empty file")
   if ImageFile.LOAD_TRUNCATED_IMAGES:
     # A global Pillow flag some libraries set; it would silently return half-grey images.
     warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files will not be "
                   "detected", stacklevel=2)
   try:
-    with Image.open(path) as img:
+    with Image.open(opened) as img:
       img.load()  # decodes now, so truncation/corruption raises here and not later
       img = ImageOps.exif_transpose(img)
       return _to_rgb(img, path)
@@ -140,12 +148,12 @@ def list_images(folder: PathLike, exts: Sequence[str] = IMAGE_EXTENSIONS, *,
     recursive: also list sub-folders.
 
   Returns:
-    sorted list of `pathlib.Path`.
+    sorted list of `pathlib.Path` (`etils.epath.Path` for a `gs://...` folder).
 
   Raises:
     FileNotFoundError / NotADirectoryError: naming `folder`.
   """
-  folder = pathlib.Path(folder)
+  folder = files.as_path(folder)
   if not folder.exists():
     raise FileNotFoundError(f"image folder not found: {folder}")
   if not folder.is_dir():

@@ -55,11 +55,11 @@ def read_label_png(path: PathLike) -> np.ndarray:
     ValueError: the file is not a readable label image (mode, or RGB colours outside the
       VOC palette), naming the file.
   """
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"label file not found: {path}")
   try:
-    with Image.open(path) as img:
+    with path.open("rb") as fh, Image.open(fh) as img:
       img.load()
       if img.mode in ("P", "L"):
         return np.array(img, np.uint8)  # palette indices, not colours
@@ -102,7 +102,7 @@ def write_label_png(path: PathLike, labels: np.ndarray, palette: np.ndarray = VO
   Returns:
     the path written.
   """
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   labels = np.asarray(labels)
   if labels.ndim != 2:
     raise ValueError(f"labels for {path} must be [H, W], got shape {labels.shape}")

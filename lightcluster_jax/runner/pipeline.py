@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Sequence
 
 import jax
@@ -55,9 +55,12 @@ from lightcluster_jax.blocks import sharding
 from lightcluster_jax.blocks import vit
 from lightcluster_jax.config import config_hash
 from lightcluster_jax.data import batching
+from lightcluster_jax.data import files
+from lightcluster_jax.data import sources
 from lightcluster_jax.data.batching import pad_grids
 from lightcluster_jax.runner import plan
-from lightcluster_jax.runner.cache import Item, Stage, items_from_arrays, items_from_paths
+from lightcluster_jax.runner.cache import (Item, Stage, items_from_arrays, items_from_paths,
+                                           items_from_source)
 from lightcluster_jax.runner.masks_stream import run_masks_streamed
 from lightcluster_jax.runner.progress import progress_bar
 from lightcluster_jax.stages import features as features_lib
@@ -66,9 +69,9 @@ from lightcluster_jax.stages import masks as masks_lib
 from lightcluster_jax.stages import refine as refine_lib
 from lightcluster_jax.stages import regions as regions_lib
 
-__all__ = ["SegmentResult", "segment", "stage_keys", "run_features", "run_masks", "run_refine",
-           "run_regions", "assign_classes", "Item", "Stage", "items_from_arrays",
-           "items_from_paths", "pad_grids"]
+__all__ = ["SegmentResult", "LabelMaps", "segment", "stage_keys", "run_features", "run_masks",
+           "run_refine", "run_regions", "assign_classes", "Item", "Stage", "items_from_arrays",
+           "items_from_paths", "items_from_source", "pad_grids"]
 
 STAGES = ("features", "masks", "refine", "regions")
 
@@ -86,32 +89,45 @@ def _parallel(fn, mesh, batch_argnums, compiler_options=None):
 
 
 def _run_pixel_batches(stage: Stage, items: Sequence[Item], payload, compute, *,
-                       bucket_pixels: int, batch: int, desc: str, progress: bool) -> None:
+                       bucket_pixels: int, batch: int, desc: str, progress: bool,
+                       read_threads: int = 0) -> None:
   """Runs a per-image pixel stage over the items not yet in `stage`.
 
   Images are grouped by padded pixel shape (sides rounded up to `bucket_pixels`) into batches
   of `batch` (a small set of shapes, so the jitted functions compile once per bucket);
   `compute(shape, group)` gets [(id, payload(item), image)] and returns {id: arrays to save}.
+  Images are decoded `read_threads` threads ahead (`sources.prefetch`); `payload` (the
+  upstream stage's arrays) is read in this thread.
   """
   todo = [it for it in items if not stage.has(it.id)]
   if not todo:
     return
   bar = progress_bar(None, total=len(todo), desc=desc, enabled=progress)
-  entries = ((it.id, payload(it), it.load()) for it in todo)
+
+  def entries():
+    for it, img, err in sources.prefetch(lambda it: it.load(), todo, threads=read_threads):
+      if err is not None:
+        raise RuntimeError(f"image {it.id!r} could not be read again ({err})") from err
+      yield it.id, payload(it), img
+
   for shape, group in batching.batches_by_shape(
-      entries, lambda e: batching.bucket_shape(e[2].shape[:2], bucket_pixels), batch):
+      entries(), lambda e: batching.bucket_shape(e[2].shape[:2], bucket_pixels), batch):
     for item_id, arrays in compute(shape, group).items():
       stage.save(item_id, arrays)
     bar.update(len(group))
   bar.close()
+  stage.flush()
 
 
 def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, progress=True,
-                 skipped: dict | None = None, mesh=None) -> list[str]:
+                 skipped: dict | None = None, mesh=None, read_threads: int = 0,
+                 prefetch: int = 16) -> list[str]:
   """ViT features of every item not yet in `stage`; returns the ids that have features.
 
   Unreadable images are skipped with a warning naming the file (recorded in `skipped`).
   With a `mesh` of n devices the batch is rounded up to a multiple of n and split over them.
+  Decoding and preprocessing run `read_threads` threads ahead of the ViT, up to `prefetch`
+  images (`sources.prefetch`).
   """
   config = vit.get_config(arch)
   image_size = cfg.image_size or None
@@ -122,14 +138,15 @@ def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, prog
   skipped = {} if skipped is None else skipped
   fingerprints = {it.id: it.fingerprint for it in items}
 
+  def load(it):
+    return features_lib.preprocess(it.load(), image_size=image_size,
+                                   patch_size=config.patch_size)
+
   def preprocessed():
-    for it in todo:
-      try:
-        img = it.load()
-        pre = features_lib.preprocess(img, image_size=image_size, patch_size=config.patch_size)
-      except Exception as e:  # corrupt file / too small: skip, name it, go on
-        warnings.warn(f"skipping image {it.id!r}: {e}")
-        skipped[it.id] = str(e)
+    for it, pre, err in sources.prefetch(load, todo, threads=read_threads, buffer=prefetch):
+      if err is not None:  # corrupt file / too small: skip, name it, go on
+        warnings.warn(f"skipping image {it.id!r}: {err}")
+        skipped[it.id] = str(err)
         continue
       yield it.id, pre
 
@@ -146,6 +163,7 @@ def run_features(stage: Stage, items: Sequence[Item], *, params, arch, cfg, prog
       done.add(item_id)
     bar.update(len(group))
   bar.close()
+  stage.flush()
   return [it.id for it in items if it.id in done]
 
 
@@ -203,7 +221,7 @@ def masks_kwargs(cfg: ml_collections.ConfigDict, num_images: int) -> dict:
 
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
-               mesh=None):
+               mesh=None, read_threads: int = 0):
   """Upsampling + CRF of every image's patch mask; stores the refined mask.
 
   The CRF starts from `refine.crf_start(consistent, prob, cfg.unary)`; with the CRF off the
@@ -231,9 +249,11 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
                       "prob": fg[b, :img.shape[0], :img.shape[1]].astype(np.float16)}
             for b, (item_id, _, img) in enumerate(group)}
 
-  _run_pixel_batches(stage, items, lambda it: mask_stage.load_fields(it.id, ("prob", "consistent")), compute,
+  _run_pixel_batches(stage, items,
+                     lambda it: mask_stage.load_fields(it.id, ("prob", "consistent")), compute,
                      bucket_pixels=cfg.bucket_pixels, batch=batch,
-                     desc="refine (CRF)" if cfg.enabled else "upsample", progress=progress)
+                     desc="refine (CRF)" if cfg.enabled else "upsample", progress=progress,
+                     read_threads=read_threads)
 
 
 def _sizes(shapes, batch: int) -> np.ndarray:
@@ -244,7 +264,8 @@ def _sizes(shapes, batch: int) -> np.ndarray:
 
 
 def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, params, arch,
-                cfg, bucket_pixels: int, dtype="float32", progress=True, mesh=None) -> None:
+                cfg, bucket_pixels: int, dtype="float32", progress=True, mesh=None,
+                read_threads: int = 0) -> None:
   """Object regions and crop CLS descriptors of every image not yet in `stage`.
 
   Regions and crops are computed per pixel bucket (`regions.make_crops_fn`); the valid crops
@@ -296,8 +317,9 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
 
   _run_pixel_batches(stage, items, lambda it: refine_stage.load_fields(it.id, ("fg",))["fg"],
                      compute, bucket_pixels=bucket_pixels, batch=batch, desc="regions",
-                     progress=progress)
+                     progress=progress, read_threads=read_threads)
   describe_queue(final=True)
+  stage.flush()
   assert not pending, sorted(pending)
 
 
@@ -358,13 +380,34 @@ def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence
   return {"features": feat, "masks": masks, "refine": refine, "regions": regions}
 
 
+class LabelMaps(Mapping):
+  """{id: [H, W] uint8 label map}, painted on access from the regions stage and the classes
+  of each image's region slots (nothing per image is held: memory stays flat in N)."""
+
+  def __init__(self, region_stage: Stage, classes: dict):
+    self._stage, self._classes = region_stage, classes
+
+  def __getitem__(self, item_id: str) -> np.ndarray:
+    regions = self._stage.load_fields(item_id, ("regions",))["regions"]
+    return np.asarray(labels_lib.paint_labels(
+        jnp.asarray(regions.astype(np.int32)), jnp.asarray(self._classes[item_id]))
+    ).astype(np.uint8)
+
+  def __iter__(self):
+    return iter(self._classes)
+
+  def __len__(self) -> int:
+    return len(self._classes)
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentResult:
   """What `segment` returns for this host's images.
 
   Attributes:
     ids: this host's segmented image ids, in input order.
-    labels: {id: [H, W] uint8 label map (0 = background, class + 1)}.
+    labels: {id: [H, W] uint8 label map (0 = background, class + 1)}, a `LabelMaps`
+      (read on access).
     skipped: {id: reason} of the images that could not be read.
     timings: {stage: seconds}.
     stage_keys: {stage: cache key}.
@@ -401,7 +444,7 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
   arch = arch or config.arch
   if mesh is None and jax.local_device_count() > 1:
     mesh = sharding.local_mesh()
-  root = None if out_dir is None else pathlib.Path(out_dir) / "cache"
+  root = None if out_dir is None else files.as_path(out_dir) / "cache"
   ids = [it.id for it in items]
   if len(set(ids)) != len(ids):
     raise ValueError("image ids must be unique")
@@ -411,51 +454,53 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
   my_items = sharding.host_shard(items) if jax.process_count() > 1 else list(items)
   timings, skipped = {}, {}
 
-  t = time.perf_counter()
+  threads = dict(read_threads=config.input.read_threads)
   feat_stage = Stage(root, "features", keys["features"], meta)
-  my_ok = run_features(feat_stage, my_items, params=params, arch=arch, cfg=config.features,
-                       progress=progress, skipped=skipped, mesh=mesh)
-  ok_ids = plan.readable_ids(ids, my_ok)
-  timings["features"] = time.perf_counter() - t
-  if not ok_ids:
-    raise ValueError("no readable images to segment" +
-                     (f" (skipped: {', '.join(skipped)})" if skipped else ""))
-  if set(ok_ids) != set(ids):  # the set changed: dataset-level stages are keyed by it
-    keys = stage_keys(config, weights_id, ok_ids, [fp[i] for i in sorted(ok_ids)])
-  local_range = plan.local_range(ids, ok_ids, my_ok)
-  mine = set(my_ok)
-  ok_items = [it for it in my_items if it.id in mine]
-  my_ids = list(ok_ids[local_range[0]:local_range[1]])
   stages = {"features": feat_stage}
-  stages.update({name: Stage(root, name, keys[name], meta) for name in STAGES[1:]})
+  try:  # whatever happens (Ctrl-C too), finished images are written to the cache
+    t = time.perf_counter()
+    my_ok = run_features(feat_stage, my_items, params=params, arch=arch, cfg=config.features,
+                         progress=progress, skipped=skipped, mesh=mesh,
+                         prefetch=config.input.prefetch, **threads)
+    ok_ids = plan.readable_ids(ids, my_ok)
+    timings["features"] = time.perf_counter() - t
+    if not ok_ids:
+      raise ValueError("no readable images to segment" +
+                       (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+    if set(ok_ids) != set(ids):  # the set changed: dataset-level stages are keyed by it
+      keys = stage_keys(config, weights_id, ok_ids, [fp[i] for i in sorted(ok_ids)])
+    local_range = plan.local_range(ids, ok_ids, my_ok)
+    mine = set(my_ok)
+    ok_items = [it for it in my_items if it.id in mine]
+    my_ids = list(ok_ids[local_range[0]:local_range[1]])
+    stages.update({name: Stage(root, name, keys[name], meta) for name in STAGES[1:]})
 
-  t = time.perf_counter()
-  run_masks(stages["masks"], feat_stage, ok_ids, cfg=config.clustering, seed=config.seed,
-            temperature=config.upsample.temperature, progress=progress, mesh=mesh,
-            local_range=local_range)
-  timings["masks"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run_masks(stages["masks"], feat_stage, ok_ids, cfg=config.clustering, seed=config.seed,
+              temperature=config.upsample.temperature, progress=progress, mesh=mesh,
+              local_range=local_range)
+    stages["masks"].flush()
+    timings["masks"] = time.perf_counter() - t
 
-  t = time.perf_counter()
-  run_refine(stages["refine"], stages["masks"], ok_items, cfg=config.crf, progress=progress,
-             mesh=mesh)
-  timings["refine"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run_refine(stages["refine"], stages["masks"], ok_items, cfg=config.crf,
+               progress=progress, mesh=mesh, **threads)
+    timings["refine"] = time.perf_counter() - t
 
-  t = time.perf_counter()
-  run_regions(stages["regions"], stages["refine"], ok_items, params=params, arch=arch,
-              cfg=config.assign, bucket_pixels=config.crf.bucket_pixels,
-              dtype=config.features.dtype, progress=progress, mesh=mesh)
-  timings["regions"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run_regions(stages["regions"], stages["refine"], ok_items, params=params, arch=arch,
+                cfg=config.assign, bucket_pixels=config.crf.bucket_pixels,
+                dtype=config.features.dtype, progress=progress, mesh=mesh, **threads)
+    timings["regions"] = time.perf_counter() - t
+  finally:
+    for st in stages.values():
+      st.flush()
 
   t = time.perf_counter()
   classes = assign_classes(stages["regions"], ok_ids, cfg=config.assign, seed=config.seed,
                            local_range=local_range)
-  labels, num_regions = {}, 0
-  for item_id in my_ids:
-    r = stages["regions"].load_fields(item_id, ("regions", "valid"))
-    labels[item_id] = np.asarray(labels_lib.paint_labels(
-        jnp.asarray(r["regions"].astype(np.int32)), jnp.asarray(classes[item_id]))
-    ).astype(np.uint8)
-    num_regions += int(r["valid"].sum())
+  labels = LabelMaps(stages["regions"], {i: classes[i] for i in my_ids})
+  num_regions = sum(int((classes[i] >= 0).sum()) for i in my_ids)
   timings["labels"] = time.perf_counter() - t
   return SegmentResult(ids=my_ids, labels=labels, skipped=skipped, timings=timings,
                        stage_keys=keys, num_regions=num_regions, stages=stages)
