@@ -104,6 +104,16 @@ def _tiny_weights(path: pathlib.Path) -> pathlib.Path:
   return weights.save(path, cfg, params)
 
 
+def _tfds_dir(data_dir, voc_root):
+  """The fake VOC prepared as the TFDS dataset voc2012_segmentation (ArrayRecord)."""
+  import contextlib
+  import io
+  from lightcluster_jax.data import tfds_builders
+  with contextlib.redirect_stdout(io.StringIO()):
+    tfds_builders.prepare("voc2012_segmentation", manual_dir=voc_root, data_dir=data_dir)
+  return data_dir
+
+
 @pytest.fixture(scope="session")
 def _doctest_names(tmp_path_factory) -> dict:
   import jax
@@ -119,6 +129,7 @@ def _doctest_names(tmp_path_factory) -> dict:
       PHOTOS=_photos(tmp / "photos"),
       WEIGHTS=_tiny_weights(tmp / "weights" / "tiny_vit.npz"),
       OUT_DIR=out_dir,
+      TFDS_DIR=_tfds_dir(tmp / "tfds", tmp / "voc"),
   )
 
 

@@ -51,9 +51,15 @@ WORKER = textwrap.dedent("""
   for k, v in args.get("clustering", {}).items():
     config.clustering[k] = v
   params = vit.init_params(ARCH, jax.random.PRNGKey(0))
-  res = pipeline.segment(config, pipeline.items_from_arrays(images), params=params, arch=ARCH,
+  reads = set()   # the ids whose pixels this process read
+
+  def recorded(it):
+    return pipeline.Item(it.id, lambda: (reads.add(it.id), it.load())[1], it.fingerprint)
+  items = [recorded(it) for it in pipeline.items_from_arrays(images)]
+  res = pipeline.segment(config, items, params=params, arch=ARCH,
                          out_dir=args["out_dir"], weights_id="test", progress=False)
-  out = {"devices": np.asarray(jax.device_count()), "ids": np.asarray(res.ids)}
+  out = {"devices": np.asarray(jax.device_count()), "ids": np.asarray(res.ids),
+         "reads": np.asarray(sorted(reads))}
   for i in res.ids:
     out["labels/" + i] = res.labels[i]
     m = res.artefacts("masks", i)
@@ -444,9 +450,10 @@ def test_two_processes_give_the_same_masks_and_labels(tmp_path, reference):
     got = _compare_with_reference(tmp_path / f"host{pid}.npz", reference)
     ids = [str(s) for s in got["ids"]]
     assert ids == sharding.host_shard(sorted(reference[0].ids), index=pid, count=2)
-    # Each host wrote only its own images.
+    # Each host read the pixels of its own share only, and wrote only its own images.
+    assert [str(s) for s in got["reads"]] == ids
     mask_dir = next((tmp_path / f"host{pid}" / "cache").glob("masks-*"))
-    assert sorted(p.stem for p in mask_dir.glob("*.npz")) == ids
+    assert sorted(pipeline.Stage(mask_dir.parent, "masks", mask_dir.name[6:]).ids()) == ids
     seen += ids
   assert sorted(seen) == sorted(reference[0].ids)
 

@@ -1,8 +1,8 @@
 """The `lightcluster` console script: one subcommand per job.
 
   lightcluster convert   checkpoint -> Flax .npz (+ parity check against a PyTorch reference)
-  lightcluster segment   a folder of images -> label PNGs, overlays, summary.json (resumable)
-  lightcluster evaluate  predicted PNGs vs ground truth -> Hungarian mIoU (JSON)
+  lightcluster segment   a folder / TFDS split -> label maps, overlays, summary.json (resumable)
+  lightcluster evaluate  predicted label maps vs ground truth (PNGs / TFDS) -> Hungarian mIoU
   lightcluster demo      the whole pipeline on the sample images shipped in the package
 """
 
@@ -54,8 +54,10 @@ def _split_overrides(argv):
   return rest, overrides
 
 
-def _list_inputs(images: pathlib.Path, split: str | None):
+def _list_inputs(images: str, split: str | None):
+  from lightcluster_jax.data import files
   from lightcluster_jax.data import images as images_lib
+  images = files.as_path(images)
   if not images.exists():
     raise CLIError(f"--images path not found: {images}")
   if (images / "JPEGImages").is_dir():  # a VOCdevkit-style root
@@ -76,6 +78,21 @@ def _list_inputs(images: pathlib.Path, split: str | None):
   return paths
 
 
+def _source(args):
+  """The input source of `segment`: --tfds NAME:SPLIT, or --images (folder / file / VOC)."""
+  from lightcluster_jax.data import sources
+  if (args.images is None) == (args.tfds is None):
+    raise CLIError("give exactly one of --images and --tfds")
+  if args.tfds is not None:
+    try:
+      return sources.TfdsSource(*sources.parse_tfds_spec(args.tfds), data_dir=args.data_dir)
+    except ImportError as e:
+      raise CLIError(f"--tfds needs tensorflow-datasets: pip install -e .[tfds] ({e})") from e
+    except ValueError as e:
+      raise CLIError(str(e)) from e
+  return sources.FolderSource(_list_inputs(args.images, args.split))
+
+
 def _segment(argv) -> int:
   from lightcluster_jax import config as config_lib
   from lightcluster_jax.apps import outputs
@@ -83,15 +100,21 @@ def _segment(argv) -> int:
   from lightcluster_jax import weights
   argv, overrides = _split_overrides(argv)
   p = argparse.ArgumentParser(prog="lightcluster segment",
-                              description="Segment a folder of images (resumable).",
-                              epilog="Override any config field with --config.a.b=VALUE.")
+                              description="Segment a folder of images or a TFDS split "
+                                          "(resumable).",
+                              epilog="Override any config field with --config.a.b=VALUE "
+                                     "(e.g. --config.output.format=array_record).")
   p.add_argument("--config", help="experiment file, e.g. configs/voc12_dino_vits8.py[:smoke]")
-  p.add_argument("--images", required=True, type=pathlib.Path,
-                 help="folder of images, a single image, or a VOCdevkit root (JPEGImages/)")
+  p.add_argument("--images", help="folder of images, a single image, or a VOCdevkit root "
+                                  "(JPEGImages/); local or gs://...")
   p.add_argument("--split", help="with a VOCdevkit root: ImageSets/Segmentation/<split>.txt")
+  p.add_argument("--tfds", metavar="NAME:SPLIT",
+                 help="a prepared TFDS dataset instead of --images, e.g. "
+                      "voc2012_segmentation:val (see lightcluster_jax.data.tfds_builders)")
+  p.add_argument("--data-dir", help="with --tfds: the TFDS data dir (default: TFDS's)")
   p.add_argument("--weights", required=True, type=pathlib.Path, help="converted .npz or checkpoint")
-  p.add_argument("--out", required=True, type=pathlib.Path)
-  p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+  p.add_argument("--out", required=True, help="output folder, local or gs://...")
+  p.add_argument("--limit", type=int, help="only the first N images (by name / TFDS order)")
   p.add_argument("--no-overlays", action="store_true")
   p.add_argument("--no-progress", action="store_true")
   multi = p.add_argument_group(
@@ -112,7 +135,10 @@ def _segment(argv) -> int:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   except config_lib.ConfigError as e:
     raise CLIError(str(e)) from e
-  paths = _list_inputs(args.images, args.split)[:args.limit]
+  source = _source(args)
+  if config.output.format not in outputs.FORMATS:
+    raise CLIError(f"config.output.format={config.output.format!r}; expected one of "
+                   f"{outputs.FORMATS}")
   arch, params, sha = weights.load_for_run(args.weights)
   rule = config.features.get("pos_interpolation", "checkpoint")
   if rule != "checkpoint":  # replaces the position-embedding rule recorded with the weights
@@ -125,12 +151,12 @@ def _segment(argv) -> int:
   if arch_name != config.arch:
     warnings.warn(f"the weights are {arch_name}; config.arch={config.arch!r} is replaced by it")
     config.arch = arch_name
-  items = pipeline.items_from_paths(paths)
+  items = pipeline.items_from_source(source)[:args.limit]
   result = pipeline.segment(config, items, params=params, arch=arch, out_dir=args.out,
                             weights_id=sha, progress=not args.no_progress)
   summary = outputs.write_outputs(result, items, args.out, config=config, weights_id=sha,
                                    overlays=config.output.overlays and not args.no_overlays,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, format=config.output.format)
   print(json.dumps({k: summary[k] for k in ("num_images", "num_regions", "seconds_per_image")}
                    | {"skipped": sorted(summary["skipped"]), "out": str(args.out)}))
   return 0
@@ -139,18 +165,31 @@ def _segment(argv) -> int:
 def _evaluate(argv) -> int:
   from lightcluster_jax.apps import evaluate as evaluation
   p = argparse.ArgumentParser(prog="lightcluster evaluate",
-                              description="Hungarian-matched mIoU of predicted label PNGs.")
-  p.add_argument("--pred", required=True, type=pathlib.Path, help="folder of <id>.png predictions")
-  p.add_argument("--gt", required=True, type=pathlib.Path, help="folder of <id>.png ground truth")
+                              description="Hungarian-matched mIoU of predicted label maps.")
+  p.add_argument("--pred", required=True,
+                 help="folder of <id>.png predictions, or a segment run's OUT (PNGs or label "
+                      "shards)")
+  p.add_argument("--gt", help="folder of <id>.png ground truth")
+  p.add_argument("--gt-tfds", metavar="NAME:SPLIT",
+                 help="ground truth from a TFDS split's label feature instead of --gt")
+  p.add_argument("--data-dir", help="with --gt-tfds: the TFDS data dir")
   p.add_argument("--num-classes", type=int, default=21, help="GT classes incl. background")
   p.add_argument("--classes", choices=("all", "present"), default="all",
                  help="average IoU over all classes or only those present in the GT")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
   args = p.parse_args(argv)
+  if (args.gt is None) == (args.gt_tfds is None):
+    raise CLIError("give exactly one of --gt and --gt-tfds")
   try:
-    scores = evaluation.evaluate_folders(args.pred, args.gt, num_classes=args.num_classes,
-                                         classes=args.classes)
-  except FileNotFoundError as e:
+    if args.gt is not None:
+      scores = evaluation.evaluate_folders(args.pred, args.gt, num_classes=args.num_classes,
+                                           classes=args.classes)
+    else:
+      from lightcluster_jax.apps import outputs
+      scores = evaluation.evaluate_labels(
+          outputs.open_labels(args.pred), evaluation.tfds_labels(args.gt_tfds, args.data_dir),
+          num_classes=args.num_classes, classes=args.classes)
+  except (FileNotFoundError, ValueError) as e:
     raise CLIError(str(e)) from e
   if args.json:
     print(json.dumps(scores))

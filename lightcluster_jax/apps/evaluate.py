@@ -1,4 +1,7 @@
-"""Scoring a folder of predicted label PNGs against ground truth (`lightcluster evaluate`).
+"""Scoring predicted label maps against ground truth (`lightcluster evaluate`).
+
+Predictions: a folder of `<id>.png` or a run's label shards (`outputs.open_labels`); ground
+truth: a folder of `<id>.png` or a TFDS split's `label` feature (`tfds_labels`).
 
 Predictions are unsupervised cluster ids (0 = background, 1.. = class clusters); they are
 matched to GT classes by the Hungarian algorithm on the split's confusion matrix
@@ -8,11 +11,13 @@ matched to GT classes by the Hungarian algorithm on the split's confusion matrix
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 
 import numpy as np
 
+from lightcluster_jax.apps import outputs
 from lightcluster_jax.blocks import metrics
-from lightcluster_jax.data import voc
+from lightcluster_jax.data import files, sources, voc
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -25,7 +30,55 @@ def class_names(num_classes: int) -> list[str]:
 
 def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 21, classes: str = "all",
                      ignore_index: int = 255) -> dict:
-  """Scores every `<id>.png` in `pred_dir` against `gt_dir/<id>.png`.
+  """Scores the predictions in `pred_dir` (`<id>.png`, or a run's label shards: see
+  `outputs.open_labels`) against `gt_dir/<id>.png`; `evaluate_labels` for the scores.
+
+  Raises:
+    FileNotFoundError: naming the missing folder or the missing GT file.
+    ValueError: naming an image whose prediction and GT sizes differ.
+  """
+  for d, what in ((pred_dir, "--pred"), (gt_dir, "--gt")):
+    if not files.as_path(d).is_dir():
+      raise FileNotFoundError(f"{what} folder not found: {d}")
+  try:
+    preds = outputs.open_labels(pred_dir)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no .png predictions (or label shards) in {pred_dir}") from None
+  return evaluate_labels(preds, outputs.LabelFolder(gt_dir), num_classes=num_classes,
+                         classes=classes, ignore_index=ignore_index)
+
+
+def tfds_labels(spec: str, data_dir=None) -> Mapping:
+  """{id: [H, W] uint8 GT} of a TFDS split with a `label` feature ('NAME:SPLIT', e.g. our
+  `voc2012_segmentation:val`, `data.tfds_builders`), read on access."""
+  source = sources.TfdsSource(*sources.parse_tfds_spec(spec), data_dir=data_dir)
+  if not source.has_labels:
+    raise ValueError(f"TFDS dataset {spec} has no 'label' feature to evaluate against")
+  return _SourceLabels(source)
+
+
+class _SourceLabels(Mapping):
+  def __init__(self, source):
+    self._source, self._index = source, {i: n for n, i in enumerate(source.ids)}
+
+  def __getitem__(self, item_id):
+    return self._source.label(self._index[item_id])
+
+  def __iter__(self):
+    return iter(self._source.ids)
+
+  def __len__(self):
+    return len(self._index)
+
+
+def evaluate_labels(preds: Mapping, gts: Mapping, *, num_classes: int = 21,
+                    classes: str = "all", ignore_index: int = 255) -> dict:
+  """Scores every prediction in `preds` against the GT of the same id in `gts`.
+
+  Args:
+    preds: {id: [H, W] predicted cluster ids} (`outputs.open_labels`).
+    gts: {id: [H, W] GT class ids, `ignore_index` = void} (`outputs.LabelFolder`,
+      `tfds_labels`).
 
   Returns:
     dict: miou, pixel_acc, fg_iou (pooled: total intersection / total union), fg_iou_mean
@@ -33,27 +86,22 @@ def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 21, classes: str = 
     num_classes_scored.
 
   Raises:
-    FileNotFoundError: naming the missing folder or the missing GT file.
+    FileNotFoundError: naming an id without GT (or no predictions at all).
     ValueError: naming an image whose prediction and GT sizes differ.
   """
-  pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
-  for d, what in ((pred_dir, "--pred"), (gt_dir, "--gt")):
-    if not d.is_dir():
-      raise FileNotFoundError(f"{what} folder not found: {d}")
-  preds = sorted(pred_dir.glob("*.png"))
-  if not preds:
-    raise FileNotFoundError(f"no .png predictions in {pred_dir}")
+  if not len(preds):
+    raise FileNotFoundError("no predictions to evaluate")
   acc = np.zeros((num_classes, 256), np.int64)
   inters, unions = [], []
-  for p in preds:
-    g = gt_dir / p.name
-    if not g.is_file():
-      raise FileNotFoundError(f"ground truth for {p.stem!r} not found: {g}")
-    pred = voc.read_label_png(p)
-    gt = voc.read_label_png(g)
+  for item_id in preds:
+    try:
+      gt = gts[item_id]
+    except KeyError as e:
+      raise FileNotFoundError(f"ground truth for {item_id!r} not found ({e.args[0]})") from None
+    pred = preds[item_id]
     if pred.shape != gt.shape:
-      raise ValueError(f"{p.stem}: prediction {pred.shape} and ground truth {gt.shape} differ "
-                       "in size")
+      raise ValueError(f"{item_id}: prediction {pred.shape} and ground truth {gt.shape} "
+                       "differ in size")
     acc += np.asarray(metrics.confusion_matrix(pred, gt, num_pred=256, num_gt=num_classes,
                                                ignore_index=ignore_index))
     i, u = metrics.foreground_iou(pred > 0, gt, ignore_index=ignore_index)
@@ -68,7 +116,7 @@ def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 21, classes: str = 
       "fg_iou": fg["pooled"], "fg_iou_mean": fg["mean"],
       "per_class": {k: (None if np.isnan(v) else v) for k, v in scores["per_class_iou"].items()},
       "mapping": {int(k): int(v) for k, v in enumerate(scores["mapping"]) if v >= 0},
-      "num_images": len(preds), "num_classes_scored": scores["num_classes"],
+      "num_images": len(inters), "num_classes_scored": scores["num_classes"],
   }
 
 

@@ -17,11 +17,11 @@ back as a value naming the culprit instead of ending the run.
 
 Example (a folder; a TFDS dataset works the same, see `TfdsSource`):
   >>> from lightcluster_jax.data import images as images_lib
-  >>> src = FolderSource(images_lib.list_images(IMAGES_DIR))
-  >>> len(src), src.ids[:2]
-  (3, ['a', 'b'])
-  >>> [(x, img.shape) for x, img, err in prefetch(src.image, range(2), threads=2)]
-  [(0, (24, 32, 3)), (1, (32, 24, 3))]
+  >>> src = FolderSource(images_lib.list_images(PHOTOS))
+  >>> len(src), src.ids
+  (2, ['chelsea', 'coffee'])
+  >>> [(n, img.shape) for n, img, err in prefetch(src.image, range(len(src)), threads=2)]
+  [(0, (300, 451, 3)), (1, (400, 600, 3))]
 """
 
 from __future__ import annotations
