@@ -144,20 +144,35 @@ def voc9_paths() -> list[pathlib.Path]:
   return [next((VOC / "JPEGImages").glob(i + ".*")) for i in ids]
 
 
-def voc_like_images(n: int, seed: int = 0):
-  """Yields n VOC-like PIL images (crop, flip, resize of the 9 VOC images), deterministic."""
-  sources = [np.asarray(Image.open(p).convert("RGB")) for p in voc9_paths()]
+def voc_like_images(n: int, seed: int = 0, *, labels: bool = False):
+  """Yields n VOC-like PIL images (crop, flip, resize of the 9 VOC images), deterministic.
+
+  labels=True: yields (image, label) pairs, the label map ([H, W] uint8, VOC ids, 255 void)
+  cropped, flipped and resized (nearest) like its image."""
+  paths = voc9_paths()
+  sources = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+  gts = [np.asarray(Image.open(VOC / "SegmentationClass" / f"{p.stem}.png")) for p in paths
+         ] if labels else None
   rng = np.random.default_rng(seed)
   for _ in range(n):
-    src = sources[rng.integers(len(sources))]
+    k = rng.integers(len(sources))
+    src = sources[k]
     h, w = src.shape[:2]
     ch, cw = (rng.uniform(0.6, 1.0, 2) * (h, w)).astype(int)
     y0, x0 = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
     crop = src[y0:y0 + ch, x0:x0 + cw]
-    if rng.random() < 0.5:
+    flip = rng.random() < 0.5
+    if flip:
       crop = crop[:, ::-1]
     size = VOC_SIZES[rng.integers(len(VOC_SIZES))]
-    yield Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BICUBIC)
+    image = Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BICUBIC)
+    if not labels:
+      yield image
+      continue
+    lab = gts[k][y0:y0 + ch, x0:x0 + cw]
+    lab = lab[:, ::-1] if flip else lab
+    yield image, np.asarray(Image.fromarray(np.ascontiguousarray(lab)).resize(size,
+                                                                               Image.NEAREST))
 
 
 def image_set(name: str, workdir: pathlib.Path) -> pathlib.Path:

@@ -119,6 +119,9 @@ def _segment(argv) -> int:
   p.add_argument("--no-progress", action="store_true")
   multi = p.add_argument_group(
       "multi-host", "run one process per host; each segments and writes its share of the images")
+  multi.add_argument("--distributed", action="store_true",
+                     help="join a multi-host run whose coordinator JAX detects itself (TPU VM "
+                          "pod slices, SLURM, Kubernetes); or give the three flags below")
   multi.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
   multi.add_argument("--num-processes", type=int, help="number of processes (hosts)")
   multi.add_argument("--process-id", type=int, help="this process's index, 0..num-processes-1")
@@ -126,7 +129,10 @@ def _segment(argv) -> int:
   given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
   if any(given) and not all(given):
     raise CLIError("multi-host runs need all of --coordinator, --num-processes and --process-id")
-  if all(given):
+  if args.distributed and not any(given):
+    from lightcluster_jax.blocks import sharding  # before any other JAX call
+    sharding.initialize()
+  elif all(given):
     if not 0 <= args.process_id < args.num_processes:
       raise CLIError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
     from lightcluster_jax.blocks import sharding  # before any other JAX call

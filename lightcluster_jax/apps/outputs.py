@@ -33,7 +33,8 @@ def write_outputs(result: SegmentResult, items: Sequence[Item], out_dir: os.Path
                   config: ml_collections.ConfigDict, weights_id: str, overlays: bool = True,
                   progress: bool = True, format: str = "png") -> dict:
   """Writes the label maps (`format`: png | array_record), OUT/overlays/<id>.jpg and
-  OUT/summary.json, one image at a time (memory flat in the number of images).
+  OUT/summary.json (`summary-p<process>.json` in a multi-host run), one image at a time
+  (memory flat in the number of images).
 
   Returns:
     the summary dict (also written as summary.json).
@@ -65,7 +66,10 @@ def write_outputs(result: SegmentResult, items: Sequence[Item], out_dir: os.Path
       "stage_keys": result.stage_keys, "jax_devices": [str(d) for d in jax.devices()],
       "labels": "masks/<id>.png" if store is None else "labels/labels-*.array_record",
   }
-  files.atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
+  # Hosts sharing one OUT (a multi-host run) each write their own summary.
+  name = ("summary.json" if jax.process_count() == 1 else
+          f"summary-p{jax.process_index():03d}.json")
+  files.atomic_write_bytes(out_dir / name, json.dumps(summary, indent=1).encode())
   return summary
 
 
