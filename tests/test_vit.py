@@ -368,39 +368,3 @@ def test_configs():
     vit.get_config("dino_vits8", pos_interpolation="bicubic")
   n = sum(np.prod(s) for s in vit.param_shapes("dino_vits16").values())
   assert n == 21_665_664  # the official ViT-S/16 backbone's parameter count
-
-
-def test_scanned_blocks_match_unrolled():
-  # `scan_blocks=True` (default) runs the blocks nobody reads as one lax.scan over parameters
-  # stacked inside the jitted function; it must give the unrolled loop's results (float32
-  # rounding) for every request, padded batches included, and keep the parameter tree.
-  cfg = vit.get_config("dinov2_vits14_reg", depth=6)  # LayerScale and register tokens
-  params = vit.init_params(cfg, jax.random.PRNGKey(3))
-  assert [k for k in params if k.startswith("blocks_")] == [f"blocks_{i}" for i in range(6)]
-  p = cfg.patch_size
-  imgs = [_images(1, 3 * p, 5 * p, seed=1)[0], _images(1, 6 * p, 4 * p, seed=2)[0]]
-  batch, mask = _pad_batch(imgs, (6 * p, 5 * p), p)
-  requests = [  # (request, masks): blocks scanned
-      (dict(outputs=("keys", "cls", "cls_attn")), (mask, None)),  # features stage: 0-4
-      (dict(outputs=("cls",)), (None,)),                           # region crops: 0-4
-      (dict(blocks=(2, -1), outputs=vit.OUTPUTS), (mask,)),        # 0-1 and 3-4
-      (dict(blocks=(3,), outputs=("qkv", "attn", "keys")), (mask,)),  # 0-2, stops after 3
-      (dict(blocks=(-2,), outputs=("keys", "cls", "cls_attn", "patch_tokens")), (mask,)),
-  ]
-  for req, masks in requests:
-    scan = vit.make_apply_fn(cfg, scan_blocks=True, **req)
-    unrolled = vit.make_apply_fn(cfg, scan_blocks=False, **req)
-    for m in masks:
-      want, got = unrolled(params, batch, m), scan(params, batch, m)
-      assert jax.tree.structure(got) == jax.tree.structure(want)
-      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"{req} {path}")
-  # The switch is real: one scan over blocks 0-4 vs none (top-level scans of other lengths
-  # are the attention's `lax.map` over its 2 * heads (image, head) pairs).
-  def block_scans(flag):
-    jaxpr = jax.make_jaxpr(lambda pr, x: vit.apply(pr, x, arch=cfg, scan_blocks=flag))(
-        params, batch)
-    return [e for e in jaxpr.jaxpr.eqns
-            if e.primitive.name == "scan" and e.params["length"] == 5]
-  assert 2 * cfg.num_heads != 5
-  assert len(block_scans(True)) == 1 and not block_scans(False)

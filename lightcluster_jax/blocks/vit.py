@@ -544,44 +544,6 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attn_impl: str = "auto"
-  scan_blocks: bool = True
-
-  def _block(self, i: int | None) -> Block:
-    """Block i as a submodule `blocks_i`, or (i=None) an unbound Block for `Block.apply`."""
-    kw = dict(dtype=self.dtype, precision=self.precision, attn_impl=self.attn_impl)
-    if i is None:
-      return Block(self.config, parent=None, **kw)
-    return Block(self.config, name=f"blocks_{i}", **kw)
-
-  def _run_blocks(self, indices: range, x, key_valid):
-    """Runs consecutive blocks whose intermediates nobody reads; returns the new tokens.
-
-    x: [B, T, D] float32 tokens; key_valid: [B, T] bool or None.
-
-    With `scan_blocks` (and more than one block, outside `init`) the blocks' parameters,
-    stored as separate `blocks_i` subtrees, are stacked here to [n, ...] leaves and the
-    blocks run as one `jax.lax.scan`: one block body is traced and compiled instead of n
-    copies. The stored parameter tree does not change and results are identical. Measured
-    (benchmarks/vit_compile.py, DINOv2-S/14, 2-core CPU): tracing -40..60% (~0.3 s per
-    image shape); XLA compile about the same (XLA:CPU already shares kernels between
-    identical unrolled blocks); forward +3..7% at batch 1 (the ~33 ms stack of 78 MB of
-    params per call). Without it (or for one block, or when creating parameters) the
-    blocks are unrolled.
-    """
-    if not self.scan_blocks or len(indices) < 2 or self.is_initializing():
-      for i in indices:
-        x, _ = self._block(i)(x, key_valid)
-      return x
-    params = self.variables["params"]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                           *[params[f"blocks_{i}"] for i in indices])
-    block = self._block(None)
-
-    def body(carry, block_params):
-      out, _ = block.apply({"params": block_params}, carry, key_valid)
-      return out, None
-
-    return jax.lax.scan(body, x, stacked)[0]
 
   @nn.compact
   def __call__(self, images, mask=None):
@@ -634,31 +596,20 @@ class VisionTransformer(nn.Module):
     last_feat = blocks[-1]  # the block whose Keys / CLS attention are returned
     per_block = [o for o in _BLOCK_OUTPUTS if o in outputs]
     n_run = cfg.depth if want_final else max(blocks) + 1
-
-    def block_args(i):
-      """Static call arguments of block i; all False for a block nobody reads."""
-      need_probs = i in blocks and "attn" in per_block
-      full_needed = "patch_tokens" in outputs or need_probs or (
-          i in blocks and "tokens" in per_block)
+    result, block_out = {}, {}
+    for i in range(n_run):
+      is_last = i == cfg.depth - 1
+      full_needed = "patch_tokens" in outputs or (i in blocks and "tokens" in per_block) or (
+          i in blocks and "attn" in per_block)
       # Only CLS leaves the final block when no patch-level output of it is asked for:
       # its attention and MLP then run for one query instead of T.
-      return dict(need_probs=need_probs,
-                  cls_probs=i == last_feat and "cls_attn" in outputs,
-                  cls_only=i == cfg.depth - 1 and not full_needed)
-
-    result, block_out = {}, {}
-    i = 0
-    while i < n_run:
-      # Blocks whose intermediates nobody reads run as one group (a `lax.scan`, see
-      # `_run_blocks`); a block with requested outputs or a CLS-only last block runs alone.
-      j = i
-      while j < n_run and j not in blocks and not any(block_args(j).values()):
-        j += 1
-      if j > i:
-        x = self._run_blocks(range(i, j), x, key_valid)
-        i = j
-        continue
-      x, aux = self._block(i)(x, key_valid, **block_args(i))
+      cls_only = is_last and not full_needed
+      x, aux = Block(cfg, dtype=self.dtype, precision=self.precision,
+                     attn_impl=self.attn_impl, name=f"blocks_{i}")(
+                         x, key_valid,
+                         need_probs=(i in blocks and "attn" in per_block),
+                         cls_probs=(i == last_feat and "cls_attn" in outputs),
+                         cls_only=cls_only)
       if i == last_feat:
         if "keys" in outputs:
           result["keys"] = aux["k"][:, npre:].astype(jnp.float32)
@@ -673,7 +624,6 @@ class VisionTransformer(nn.Module):
         if "tokens" in per_block:
           entry["tokens"] = x.astype(jnp.float32)
         block_out[i] = entry
-      i += 1
     if want_final:
       xn = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.float32, name="norm")(x)
       if "cls" in outputs:
@@ -756,7 +706,7 @@ def validate_params(params, arch, *, source: str = "params") -> None:
 
 def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cls"),
           dtype=jnp.float32, precision=None, attn_impl: str = "auto",
-          pos_interpolation: str | None = None, scan_blocks: bool = True) -> dict:
+          pos_interpolation: str | None = None) -> dict:
   """Runs the ViT and returns only the requested features.
 
   Args:
@@ -775,9 +725,6 @@ def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cl
     attn_impl: "auto" | "map" | "full" | "dpa" (see `attention`).
     pos_interpolation: "official" | "size" | "timm": overrides the config's rule for
       resampling the position embedding (see the module docstring); None keeps it.
-    scan_blocks: run consecutive blocks whose intermediates are not returned as one
-      `lax.scan` over their stacked parameters (one compiled block body instead of one per
-      block; same results to float32 rounding). False unrolls every block, as before.
 
   Returns:
     dict with, as requested, for P = (H/p) (W/p) patches in row-major order and
@@ -800,23 +747,23 @@ def apply(params, images, mask=None, *, arch, blocks=(-1,), outputs=("keys", "cl
   validate_params(params, cfg)
   model = VisionTransformer(cfg, blocks=tuple(np.atleast_1d(blocks).tolist()),
                             outputs=_normalise_outputs(outputs), dtype=dtype,
-                            precision=precision, attn_impl=attn_impl, scan_blocks=scan_blocks)
+                            precision=precision, attn_impl=attn_impl)
   return model.apply({"params": params}, images.astype(jnp.float32), mask)
 
 
 @functools.lru_cache(maxsize=64)
-def _make_apply_fn_cached(cfg, blocks, outputs, dtype, precision, attn_impl, scan_blocks):
+def _make_apply_fn_cached(cfg, blocks, outputs, dtype, precision, attn_impl):
   fn = functools.partial(apply, arch=cfg, blocks=blocks, outputs=outputs, dtype=dtype,
-                         precision=precision, attn_impl=attn_impl, scan_blocks=scan_blocks)
+                         precision=precision, attn_impl=attn_impl)
   return jax.jit(fn)
 
 
 def make_apply_fn(arch, *, blocks: Iterable[int] = (-1,), outputs=("keys", "cls"),
                   dtype=jnp.float32, precision=None, attn_impl: str = "auto",
-                  pos_interpolation: str | None = None, scan_blocks: bool = True):
+                  pos_interpolation: str | None = None):
   """A cached, jitted `fn(params, images, mask=None)` for fixed static arguments.
 
-  `pos_interpolation` overrides the rule of `arch`; `scan_blocks` see `apply`.
+  `pos_interpolation` overrides the rule of `arch` (see `apply`).
 
   Example (a one-block ViT-S/16; the second image is 32 x 96 pixels padded to 64 x 96):
     >>> cfg = get_config("dino_vits16", depth=1)
@@ -831,4 +778,4 @@ def make_apply_fn(arch, *, blocks: Iterable[int] = (-1,), outputs=("keys", "cls"
     cfg = dataclasses.replace(cfg, pos_interpolation=pos_interpolation)
   return _make_apply_fn_cached(cfg, tuple(int(b) for b in np.atleast_1d(blocks)),
                                _normalise_outputs(outputs), jnp.dtype(dtype), precision,
-                               attn_impl, bool(scan_blocks))
+                               attn_impl)
