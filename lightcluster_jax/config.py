@@ -79,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.crf.unary = "mask"           # CRF start: "mask" = consistent mask at full confidence (the
   #                                CRF refines boundaries only); "soft" = decided soft probability
   c.crf.bucket_pixels = 64       # padded image sides are multiples of this many pixels
+  c.crf.canvas_overhead = 2.0    # refine + regions pad every image to one canvas (one compile)
+  #                                when that computes at most this many times the pixels of
+  #                                per-image buckets; 0 = per-image buckets (speed only)
 
   c.assign = ml_collections.ConfigDict()
   c.assign.num_classes = 20          # VOC 20, COCO 80

@@ -90,11 +90,12 @@ def _parallel(fn, mesh, batch_argnums, compiler_options=None):
 
 def _run_pixel_batches(stage: Stage, items: Sequence[Item], payload, compute, *,
                        bucket_pixels: int, batch: int, desc: str, progress: bool,
-                       read_threads: int = 0) -> None:
+                       read_threads: int = 0, canvas: tuple | None = None) -> None:
   """Runs a per-image pixel stage over the items not yet in `stage`.
 
-  Images are grouped by padded pixel shape (sides rounded up to `bucket_pixels`) into batches
-  of `batch` (a small set of shapes, so the jitted functions compile once per bucket);
+  Images are padded to one `canvas` (H, W) when given (one compile), else grouped by padded
+  pixel shape (sides rounded up to `bucket_pixels`), into batches of `batch` (the jitted
+  functions compile once per shape);
   `compute(shape, group)` gets [(id, payload(item), image)] and returns {id: arrays to save}.
   Images are decoded `read_threads` threads ahead (`sources.prefetch`); `payload` (the
   upstream stage's arrays) is read in this thread.
@@ -110,8 +111,10 @@ def _run_pixel_batches(stage: Stage, items: Sequence[Item], payload, compute, *,
         raise RuntimeError(f"image {it.id!r} could not be read again ({err})") from err
       yield it.id, payload(it), img
 
-  for shape, group in batching.batches_by_shape(
-      entries(), lambda e: batching.bucket_shape(e[2].shape[:2], bucket_pixels), batch):
+  def shape_of(e):
+    return canvas or batching.bucket_shape(e[2].shape[:2], bucket_pixels)
+
+  for shape, group in batching.batches_by_shape(entries(), shape_of, batch):
     for item_id, arrays in compute(shape, group).items():
       stage.save(item_id, arrays)
     bar.update(len(group))
@@ -221,11 +224,13 @@ def masks_kwargs(cfg: ml_collections.ConfigDict, num_images: int) -> dict:
 
 
 def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, progress=True,
-               mesh=None, read_threads: int = 0):
+               mesh=None, read_threads: int = 0, canvas: tuple | None = None,
+               grid_canvas: tuple | None = None):
   """Upsampling + CRF of every image's patch mask; stores the refined mask.
 
   The CRF starts from `refine.crf_start(consistent, prob, cfg.unary)`; with the CRF off the
-  decided soft probability is upsampled and thresholded at 0.5.
+  decided soft probability is upsampled and thresholded at 0.5. `canvas` / `grid_canvas`:
+  one padded pixel / patch-grid shape for every batch (`pixel_canvases`), else per batch.
   """
   if cfg.unary not in refine_lib.UNARIES:
     raise ValueError(f"crf.unary={cfg.unary!r}; expected one of {refine_lib.UNARIES}")
@@ -238,8 +243,8 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
   def compute(shape, group):
     probs = [refine_lib.crf_start(m["consistent"], m["prob"], cfg.unary) if cfg.enabled
              else m["prob"] for _, m, _ in group]
-    # A small fixed set of grid capacities, so batches do not recompile per image.
-    grid = batching.bucket_shape(np.max([p.shape for p in probs], axis=0), 8)
+    # One grid capacity for the set, or a small fixed set of them: few recompiles.
+    grid = grid_canvas or batching.bucket_shape(np.max([p.shape for p in probs], axis=0), 8)
     imgs = [img for _, _, img in group]
     fg = np.asarray(fn(batching.stack_padded(probs, grid, batch, dtype=np.float32),
                        _sizes([p.shape for p in probs], batch),
@@ -253,7 +258,7 @@ def run_refine(stage: Stage, mask_stage: Stage, items: Sequence[Item], *, cfg, p
                      lambda it: mask_stage.load_fields(it.id, ("prob", "consistent")), compute,
                      bucket_pixels=cfg.bucket_pixels, batch=batch,
                      desc="refine (CRF)" if cfg.enabled else "upsample", progress=progress,
-                     read_threads=read_threads)
+                     read_threads=read_threads, canvas=canvas)
 
 
 def _sizes(shapes, batch: int) -> np.ndarray:
@@ -265,7 +270,7 @@ def _sizes(shapes, batch: int) -> np.ndarray:
 
 def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, params, arch,
                 cfg, bucket_pixels: int, dtype="float32", progress=True, mesh=None,
-                read_threads: int = 0) -> None:
+                read_threads: int = 0, canvas: tuple | None = None) -> None:
   """Object regions and crop CLS descriptors of every image not yet in `stage`.
 
   Regions and crops are computed per pixel bucket (`regions.make_crops_fn`); the valid crops
@@ -317,7 +322,7 @@ def run_regions(stage: Stage, refine_stage: Stage, items: Sequence[Item], *, par
 
   _run_pixel_batches(stage, items, lambda it: refine_stage.load_fields(it.id, ("fg",))["fg"],
                      compute, bucket_pixels=bucket_pixels, batch=batch, desc="regions",
-                     progress=progress, read_threads=read_threads)
+                     progress=progress, read_threads=read_threads, canvas=canvas)
   describe_queue(final=True)
   stage.flush()
   assert not pending, sorted(pending)
@@ -362,6 +367,22 @@ def assign_classes(region_stage: Stage, ids: Sequence[str], *, cfg, seed: int,
     out[item_id] = classes[start:start + n]
     start += n
   return out
+
+
+def pixel_canvases(mask_stage: Stage, ids: Sequence[str], cfg) -> tuple:
+  """(pixel canvas, patch-grid canvas) shared by the refine and regions batches of `ids`, or
+  (None, None) for per-batch shapes (`batching.common_canvas` with `cfg.canvas_overhead`)."""
+  if cfg.canvas_overhead <= 0 or not ids:
+    return None, None
+  sizes, grids = [], []
+  for item_id in ids:
+    m = mask_stage.load_fields(item_id, ("orig_hw", "prob"))
+    sizes.append(tuple(int(v) for v in m["orig_hw"]))
+    grids.append(m["prob"].shape)
+  canvas = batching.common_canvas(sizes, cfg.bucket_pixels, cfg.canvas_overhead)
+  if canvas is None:
+    return None, None
+  return canvas, batching.common_canvas(grids, 8, float("inf"))
 
 
 def stage_keys(config: ml_collections.ConfigDict, weights_id: str, ids: Sequence[str],
@@ -483,14 +504,18 @@ def segment(config: ml_collections.ConfigDict, items: Sequence[Item], *, params,
     timings["masks"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    canvas, grid_canvas = pixel_canvases(stages["masks"], [it.id for it in ok_items],
+                                         config.crf)
     run_refine(stages["refine"], stages["masks"], ok_items, cfg=config.crf,
-               progress=progress, mesh=mesh, **threads)
+               progress=progress, mesh=mesh, canvas=canvas, grid_canvas=grid_canvas,
+               **threads)
     timings["refine"] = time.perf_counter() - t
 
     t = time.perf_counter()
     run_regions(stages["regions"], stages["refine"], ok_items, params=params, arch=arch,
                 cfg=config.assign, bucket_pixels=config.crf.bucket_pixels,
-                dtype=config.features.dtype, progress=progress, mesh=mesh, **threads)
+                dtype=config.features.dtype, progress=progress, mesh=mesh, canvas=canvas,
+                **threads)
     timings["regions"] = time.perf_counter() - t
   finally:
     for st in stages.values():
