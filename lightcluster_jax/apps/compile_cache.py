@@ -36,12 +36,14 @@ def cache_dir() -> pathlib.Path | None:
   return weights.default_cache_dir() / "xla"
 
 
-def enable(path: os.PathLike | None = None, *, min_compile_secs: float = 0.5
+def enable(path: os.PathLike | None = None, *, min_compile_secs: float = 0.0
            ) -> pathlib.Path | None:
   """Turns JAX's persistent compilation cache on at `path` (default `cache_dir()`).
 
-  Compilations of at least `min_compile_secs` are stored (smaller ones cost about as much to
-  read as to redo). Returns the folder in use, or None when the cache is off.
+  Compilations of at least `min_compile_secs` are stored. Default 0: every program, since the
+  runner's ~160 small ones (host-side glue, 40 ms each to compile) are read back faster than
+  they compile (voc9, second run: masks 16.9 -> 10.9 s, refine 5.5 -> 3.2 s with 0 instead of
+  0.5). Returns the folder in use, or None when the cache is off.
   """
   folder = pathlib.Path(path) if path is not None else cache_dir()
   if folder is None:
