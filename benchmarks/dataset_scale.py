@@ -17,8 +17,9 @@ What it does, in one run (WORKDIR default /tmp/lightcluster_dataset_scale):
      the process (ru_maxrss), files written per cache stage and for the labels.
   4. Identity: the masks (every level + the decided probability) and label maps of the TFDS
      run and the folder run of the smallest N, compared array by array.
-  5. Ctrl-C and resume: a TFDS run of the smallest N in a fresh OUT is sent SIGINT during its
-     features stage, then run again; reports how many images the interrupted run had
+  5. Ctrl-C and resume: a TFDS run of the smallest N in a fresh OUT is sent SIGINT in the
+     middle of its features stage (start-up + half the features seconds of the uninterrupted
+     run), then run again; reports how many images the interrupted run had
      finished (written to the cache), that the resumed run left those shard files untouched,
      that no image is stored twice (nothing finished was recomputed), and that its labels
      equal the uninterrupted run's.
@@ -26,6 +27,14 @@ What it does, in one run (WORKDIR default /tmp/lightcluster_dataset_scale):
 Usage:
   python benchmarks/dataset_scale.py                      # sizes 250 1000 2000
   python benchmarks/dataset_scale.py --sizes 20 40        # a quick check
+  python benchmarks/dataset_scale.py --extra clustering.dataset_fit_patches=20000 \
+      clustering.category_fit_patches=20000   # fit samples full at 250 images (see README)
+
+Memory: the masks stage fits the dataset and category k-means on samples of at most
+`clustering.dataset_fit_patches` / `category_fit_patches` patches (200,000 each; ~300 MB of
+Keys each for ViT-S); until a set has that many patches (2,500 images at the smoke config's
+112 px, ~140 at 448 px) the samples hold every patch and peak RSS grows with N; beyond, it is
+flat. `--extra` lowers the caps to show both regimes at small N.
 
 The last line printed is one JSON object: {"runs": [...], "input_pipeline": {...},
 "identical_tfds_vs_folder": bool, "resume": {...}, "peak_rss_mb_by_n": {...}, "meta": {...}}.
@@ -115,7 +124,7 @@ def segment_cmd(args, out: pathlib.Path, n: int, source: str, info: dict) -> lis
   return [sys.executable, "-m", "lightcluster_jax.apps.cli", "segment", "--config",
           f"{CONFIG}:smoke", *src, "--limit", str(n), "--weights", str(args.weights),
           "--out", str(out), "--no-progress", "--no-overlays",
-          "--config.output.format=array_record"]
+          "--config.output.format=array_record", *(f"--config.{x}" for x in args.extra)]
 
 
 def files_per_stage(out: pathlib.Path) -> dict:
@@ -161,18 +170,18 @@ def same_results(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 def interrupt_and_resume(args, out: pathlib.Path, n: int, info: dict, ref: pathlib.Path,
                          after_s: float) -> dict:
-  """SIGINT during the features stage, then the same command again."""
+  """SIGINT `after_s` seconds after the start (mid-features), then the same command again."""
   shutil.rmtree(out, ignore_errors=True)
   out.parent.mkdir(parents=True, exist_ok=True)
   cmd = segment_cmd(args, out, n, "tfds", info)
   with open(out.with_suffix(".interrupted.log"), "wb") as log:
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=args.env)
     t0 = time.perf_counter()
-    while not list((out / "cache").glob("features-*")) and proc.poll() is None:
-      time.sleep(0.2)
-    time.sleep(after_s)
-    proc.send_signal(signal.SIGINT)
-    rc = proc.wait()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=args.env)
+    try:
+      rc = proc.wait(timeout=after_s)   # finished before the signal: reported as such
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGINT)
+      rc = proc.wait()
   interrupted_at = time.perf_counter() - t0
   feats = stage_store(out, "features")
   finished = len(feats)
@@ -198,6 +207,8 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", type=pathlib.Path,
                  default=pathlib.Path("/tmp/lightcluster_dataset_scale"))
   p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS)
+  p.add_argument("--extra", nargs="*", default=[],
+                 help="config overrides a.b=v for every segment run")
   args = p.parse_args(argv)
   args.workdir.mkdir(parents=True, exist_ok=True)
   sizes = sorted(args.sizes)
@@ -223,9 +234,10 @@ def main(argv=None) -> int:
   print(json.dumps(runs[-1]), flush=True)
   identical = same_results(runs_dir / f"tfds{sizes[0]}", runs_dir / f"folder{sizes[0]}")
   print(f"TFDS == folder ({sizes[0]} images): {identical}", flush=True)
-  features_s = runs[0]["stages_s"]["features"]
+  first = runs[0]   # start-up (wall - stages) + half the features stage of the same run
+  after_s = first["wall_s"] - sum(first["stages_s"].values()) + first["stages_s"]["features"] / 2
   resume = interrupt_and_resume(args, runs_dir / f"resume{sizes[0]}", sizes[0], info,
-                                runs_dir / f"tfds{sizes[0]}", after_s=max(1.0, features_s / 2))
+                                runs_dir / f"tfds{sizes[0]}", after_s=max(1.0, after_s))
   print(f"Ctrl-C and resume: {resume}", flush=True)
 
   print("\n| source | images | wall s | device-stage img/s | peak RSS MB | files per stage "
@@ -241,7 +253,7 @@ def main(argv=None) -> int:
       "runs": runs, "input_pipeline": pipe, "identical_tfds_vs_folder": identical,
       "resume": resume, "dataset": info,
       "peak_rss_mb_by_n": {r["images"]: r["peak_rss_mb"] for r in runs if r["source"] == "tfds"},
-      "meta": {"cores": os.cpu_count(), "load_before": load_before,
+      "meta": {"extra": args.extra, "cores": os.cpu_count(), "load_before": load_before,
                "load_after": os.getloadavg()[0], "commit": e2e.git_commit()},
   }
   print(json.dumps(result))
