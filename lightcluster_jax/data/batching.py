@@ -48,7 +48,7 @@ def common_canvas(shapes: Sequence[Sequence[int]], multiple: int, max_overhead: 
   Example:
     >>> common_canvas([(375, 500), (500, 375), (333, 500)], 64, 2.0)
     (512, 512)
-    >>> common_canvas([(100, 120), (2000, 3000)], 64, 2.0) is None   # one huge, one small
+    >>> common_canvas([(100, 120)] * 3 + [(2000, 3000)], 64, 2.0) is None   # 4x the pixels
     True
   """
   if max_overhead <= 0 or not len(shapes):
