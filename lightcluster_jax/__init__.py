@@ -5,9 +5,10 @@ The folders follow the data flow:
   blocks/   pure JAX building blocks: vit, kmeans, crf, resize, components, metrics, sharding
   stages/   the method, in order: features -> masks -> refine -> regions -> labels
   runner/   cache, multi-host plan, streamed masks, `pipeline.segment`
-  apps/     the `lightcluster` CLI, the demo, evaluation, outputs (PNGs), pictures (viz)
+  apps/     the `lightcluster` CLI, the demo, evaluation, outputs (PNGs / shards), pictures
   weights/  checkpoint formats, conversion key maps, downloads
-  data/     image decoding, batching / padding, atomic files, VOC / COCO readers, TFDS
+  data/     image decoding, sources (folder / TFDS, Grain loader), batching / padding,
+            epath files, ArrayRecord shards, VOC / COCO readers, TFDS builders
 
 Every stage is a pure function that jits, vmaps over images and shards over devices; the
 runner and the CLI are thin layers over them. Modules are importable by their full path
@@ -20,6 +21,7 @@ re-exported here (except where a function shares its module's name: use
 __version__ = "0.1.0"
 
 from lightcluster_jax import config, data, weights
+from lightcluster_jax.data import shards, sources
 from lightcluster_jax.apps import cli, demo, evaluate, outputs, viz
 from lightcluster_jax.blocks import components, crf, kmeans, metrics, resize, sharding, vit
 from lightcluster_jax.runner import pipeline
@@ -39,7 +41,8 @@ from lightcluster_jax.blocks.sharding import (data_mesh, data_parallel, host_sha
                                               local_mesh, streamed_lloyd)
 from lightcluster_jax.config import apply_overrides, default_config, load_config
 from lightcluster_jax.runner.pipeline import (SegmentResult, items_from_arrays, items_from_paths,
-                                             segment)
+                                             items_from_source, segment)
+from lightcluster_jax.data.sources import FolderSource, TfdsSource
 from lightcluster_jax.stages.features import extract_features, preprocess
 from lightcluster_jax.stages.masks import (consistency, image_level_foreground,
                                            multilevel_foreground, soft_foreground)
