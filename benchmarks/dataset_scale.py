@@ -67,7 +67,6 @@ DATASET = "voc2012_segmentation"
 
 def make_dataset(workdir: pathlib.Path, n: int) -> dict:
   """WORKDIR/voc (VOCdevkit-like) and WORKDIR/tfds (prepared), made once for n images."""
-  from PIL import Image
   from lightcluster_jax.data import tfds_builders, voc
   root = workdir / f"voc{n}" / "VOC2012"
   tfds_dir = workdir / f"tfds{n}"
