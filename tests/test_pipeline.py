@@ -73,6 +73,23 @@ def test_segment_in_memory_shapes_and_labels(images, params):
     np.testing.assert_array_equal(res.labels[item_id], again.labels[item_id])
 
 
+def test_one_canvas_for_the_set_gives_the_same_result(images, params):
+  """Refine + regions padded to one canvas (default) == per-image pixel buckets."""
+  config = tiny_config()
+  masks = pipeline.Stage(None, "masks", "t")
+  for i, img in enumerate(images):
+    masks.save(f"{i}", {"orig_hw": np.asarray(img.shape[:2]), "prob": np.zeros((4, 5))})
+  assert pipeline.pixel_canvases(masks, [f"{i}" for i in range(len(images))], config.crf) == (
+      (128, 128), (8, 8))   # bucket_pixels 32: sides up to 112 / 128 -> one 128 x 128 canvas
+  shared = _run(config, images, params)
+  config.crf.canvas_overhead = 0.0
+  own = _run(config, images, params)
+  for item_id in shared.ids:
+    np.testing.assert_array_equal(shared.artefacts("refine", item_id)["fg"],
+                                  own.artefacts("refine", item_id)["fg"])
+    np.testing.assert_array_equal(shared.labels[item_id], own.labels[item_id])
+
+
 def test_resume_after_interrupt_loses_nothing(images, params, tmp_path):
   config = tiny_config()
   config.input.read_threads = 0   # Ctrl-C arrives in the main thread, as a real one does

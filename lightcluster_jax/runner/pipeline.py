@@ -69,9 +69,9 @@ from lightcluster_jax.stages import masks as masks_lib
 from lightcluster_jax.stages import refine as refine_lib
 from lightcluster_jax.stages import regions as regions_lib
 
-__all__ = ["SegmentResult", "LabelMaps", "segment", "stage_keys", "run_features", "run_masks",
-           "run_refine", "run_regions", "assign_classes", "Item", "Stage", "items_from_arrays",
-           "items_from_paths", "items_from_source", "pad_grids"]
+__all__ = ["SegmentResult", "LabelMaps", "segment", "stage_keys", "pixel_canvases",
+           "run_features", "run_masks", "run_refine", "run_regions", "assign_classes", "Item",
+           "Stage", "items_from_arrays", "items_from_paths", "items_from_source", "pad_grids"]
 
 STAGES = ("features", "masks", "refine", "regions")
 
