@@ -324,17 +324,9 @@ def test_multilevel_flips_a_close_up_when_asked():
   # background, so the border rule picks the background. Dataset and category levels
   # (decided over all images) know the object Key; with flip_image_level the image-level
   # mask of image 0 is complemented, and only that image's.
-  keys, valid, gt, cls = synthetic(noise=0.3, seed=2)
-  b, p, d = keys.shape
-  g = keys.reshape(b, 12, 16, d)
-  inner = np.zeros((12, 16), bool)
-  inner[4:8, 6:10] = True
-  obj_key, bg_key = g[0][gt[0]].mean(0), g[0][valid[0] & ~gt[0]].mean(0)
-  rng = np.random.default_rng(0)
-  g[0] = np.where(inner[..., None], bg_key, obj_key) + 0.3 * rng.normal(size=(12, 16, d))
-  gt[0] = ~inner
-  valid[0] = True
-  out = M.multilevel_foreground(g.reshape(b, p, d), valid, cls, None, key=jax.random.key(0),
+  keys, valid, gt, cls = close_up()
+  b = keys.shape[0]
+  out = M.multilevel_foreground(keys, valid, cls, None, key=jax.random.key(0),
                                 num_categories=2, flip_image_level=True)
   raw = np.asarray(M._lookup(out["image_fg_clusters"], out["image_assignment"]))
   assert iou(raw[0], gt[0]) < 0.1                 # the border rule alone is wrong here

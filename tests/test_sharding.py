@@ -271,14 +271,19 @@ def test_streamed_lloyd_equals_in_memory_kmeans_driver(cosine, empty, chunk_size
     assert np.abs(got).max() < 50
 
 
-def test_streamed_grouped_lloyd_with_empty_clusters_equals_grouped_kmeans():
+def _grouped_case():
+  """3 groups of 4-d points; init: 2 points of each group + a far centroid that stays empty."""
   rng = np.random.RandomState(5)
   x = rng.randn(1500, 4).astype(np.float32)
   x[:700] += 2.5
   gid = rng.randint(0, 3, 1500).astype(np.int32)
   m = rng.rand(1500) > 0.1
   init = np.stack([np.concatenate([x[(gid == g) & m][:2], [[1e3] * 4]]) for g in range(3)])
-  init = init.astype(np.float32)                                   # cluster 2 of every group
+  return x, gid, m, init.astype(np.float32)
+
+
+def test_streamed_grouped_lloyd_with_empty_clusters_equals_grouped_kmeans():
+  x, gid, m, init = _grouped_case()
   ref = km.grouped_kmeans(x, gid, 3, 3, key=jax.random.PRNGKey(0), mask=m, init=init,
                           tol=0.0)
   got, info = sharding.streamed_grouped_lloyd(
@@ -309,13 +314,7 @@ SHARDED_LLOYD_WORKER = textwrap.dedent("""
     np.testing.assert_allclose(got, np.asarray(ref.centroids), rtol=0, atol=1e-5)
     a, _ = km.assign(x, got, mask=m, cosine=cosine)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(ref.assignment))
-  rng = np.random.RandomState(5)
-  x = rng.randn(1500, 4).astype(np.float32)
-  x[:700] += 2.5
-  gid = rng.randint(0, 3, 1500).astype(np.int32)
-  m = rng.rand(1500) > 0.1
-  init = np.stack([np.concatenate([x[(gid == g) & m][:2], [[1e3] * 4]]) for g in range(3)])
-  init = init.astype(np.float32)
+  x, gid, m, init = _grouped_case()
   ref = km.grouped_kmeans(x, gid, 3, 3, key=jax.random.PRNGKey(0), mask=m, init=init, tol=0.0)
   got, info = sharding.streamed_grouped_lloyd(
       lambda: [(x[a:a + 400], gid[a:a + 400], m[a:a + 400]) for a in range(0, 1500, 400)],
@@ -332,7 +331,7 @@ def test_sharded_lloyd_on_eight_devices_equals_in_memory_kmeans(tmp_path):
   (centroids 1e-5, identical iterations and labels)."""
   script = tmp_path / "sharded_lloyd_worker.py"
   script.write_text(SHARDED_LLOYD_WORKER.replace(
-      "# LLOYD_CASE", inspect.getsource(_lloyd_case)))
+      "# LLOYD_CASE", inspect.getsource(_lloyd_case) + inspect.getsource(_grouped_case)))
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(script)], env=env,
                         capture_output=True, text=True, timeout=600)
