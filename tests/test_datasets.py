@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from lightcluster_jax import pipeline, vit
 from lightcluster_jax.apps import evaluate, outputs
@@ -45,16 +46,11 @@ def voc_root(tmp_path_factory):
     (base / sub).mkdir(parents=True)
   for n, (image_id, hw) in enumerate(zip(IDS, SIZES)):
     img = _synthetic(*hw, seed=n)
-    images_lib_save(base / "JPEGImages" / f"{image_id}.png", img)
+    Image.fromarray(img).save(base / "JPEGImages" / f"{image_id}.png")
     voc.write_label_png(base / "SegmentationClass" / f"{image_id}.png",
                         np.where(img.mean(-1) > 150, 15, 0).astype(np.uint8))
   (base / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(IDS) + "\n")
   return base
-
-
-def images_lib_save(path, img):
-  from PIL import Image
-  Image.fromarray(img).save(path)
 
 
 @pytest.fixture(scope="module")

@@ -115,11 +115,7 @@ def publish_file(local_file: os.PathLike, dest: os.PathLike) -> None:
     except OSError:  # another filesystem
       shutil.move(os.fspath(local_file), dest)
     return
-  dest = as_path(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
-  tmp.write_bytes(pathlib.Path(local_file).read_bytes())
-  tmp.rename(dest)
+  _remote_write(as_path(dest), pathlib.Path(local_file).read_bytes())
   os.unlink(local_file)
 
 
